@@ -1,0 +1,395 @@
+"""The config schema: one typed section per concern; this file is the documentation of every key.
+
+`load_config(path, overrides)` reads a YAML file, applies `section.key=value` overrides (values parsed as
+YAML scalars), rejects unknown keys (naming the closest valid one), checks types and ranges, then checks
+cross-field rules. Every problem found is reported together in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vlm_tune.errors import UserError
+
+BUILTIN_TINY = "builtin:tiny"
+SYNTHETIC = "synthetic"
+
+
+class ConfigError(UserError):
+    """One or more problems in a config file or its overrides."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("run", description="Run name; used in logs, the model card and the default output_dir.")
+    output_dir: str = Field("runs/run", description="Run directory: config, checkpoints, final adapter, evals.")
+    seed: int = Field(0, ge=0, description="Seed for weights init of new modules, data order and dropout.")
+
+
+class ImageSection(Section):
+    longest_edge: int | None = Field(
+        None, ge=16, description="Resize images so the longest edge is this many px (processor 'size'). "
+        "Fewer px = fewer tiles = fewer image tokens: the biggest speed lever. None = model default."
+    )
+    tile_size: int | None = Field(
+        None, ge=16, description="Tile edge in px (processor 'max_image_size'); must match the vision encoder."
+    )
+    do_image_splitting: bool | None = Field(
+        None, description="Split large images into tiles plus a global view. False = one tile per image."
+    )
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        BUILTIN_TINY, description="Hub id, local directory, or 'builtin:tiny' (offline tiny SmolVLM, built on demand)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights/compute dtype. bfloat16 halves memory on GPUs that support it."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; sdpa is fast everywhere, flash_attention_2 needs the package."
+    )
+    train_vision: bool = Field(
+        False, description="Also train the vision encoder (fully, or with LoRA if lora.targets has 'vision')."
+    )
+    image: ImageSection = Field(default_factory=ImageSection, description="Resolution and tiling of images.")
+    cache_dir: str = Field(".cache/vlm-tune", description="Where builtin models and synthetic data are cached.")
+
+
+class SyntheticSection(Section):
+    n_train: int = Field(2000, ge=1, description="Synthetic training rows.")
+    n_test: int = Field(200, ge=1, description="Synthetic held-out rows (disjoint from train).")
+    seed: int = Field(0, ge=0, description="Generator seed; same seed, same bytes.")
+    image_size: int = Field(64, ge=32, description="Chart size in px.")
+    chart_kinds: list[str] = Field(default_factory=lambda: ["bar"], description="bar, line, pie.")
+    question_types: list[str] = Field(
+        default_factory=lambda: ["count", "color_max"],
+        description="count, color_max, color_min, label_max, label_min, compare, value.",
+    )
+
+
+class DataSection(Section):
+    source: str = Field(
+        SYNTHETIC,
+        description="'synthetic', a hub dataset id, a save_to_disk directory, or a .jsonl/.csv/.parquet file.",
+    )
+    config_name: str | None = Field(None, description="Hub dataset config name.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+    train_split: str = Field("train", description="Split used for training.")
+    eval_split: str = Field("test", description="Split used for evaluation.")
+    columns: str | dict[str, str] = Field(
+        "chartqa",
+        description="Column mapping {image|images, question, answer, id, split, type, messages} "
+        "or the preset 'chartqa' (image, query, label, human_or_machine).",
+    )
+    max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training rows.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N evaluation rows.")
+    max_frames: int = Field(8, ge=1, description="Cap on frames taken from a video or frame folder.")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A row with a missing/corrupt image or empty answer: stop, or skip and count it."
+    )
+    on_overlong: Literal["error", "skip"] = Field(
+        "error", description="A row longer than train.max_length: stop, or skip and count it (never truncated)."
+    )
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection, description="For source: synthetic.")
+
+
+class PromptSection(Section):
+    system: str | None = Field(None, description="System message; None = no system turn.")
+    user_template: str = Field(
+        "{question}\nAnswer with a single word or number.",
+        description="User text; {question} is replaced by the row's question. Same in train, eval, predict.",
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(8, ge=1, description="LoRA rank; higher = more capacity and memory.")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targets: list[str] | str = Field(
+        default_factory=lambda: ["decoder", "projector"],
+        description="Presets decoder, projector, vision (combine freely) or one regex over module names.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained fully and saved with the adapter (e.g. lm_head)."
+    )
+
+
+class TrainSection(Section):
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit NF4 base), full.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; None = run train.epochs.")
+    epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is None.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_length: int = Field(2048, ge=16, description="Token budget per sample; longer rows error or are skipped.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep only the last N checkpoints.")
+    logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for image loading.")
+
+
+class EvalSection(Section):
+    batch_size: int = Field(16, ge=1, description="Generation batch size.")
+    max_new_tokens: int = Field(16, ge=1, description="Generated tokens per answer.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N rows of data.eval_split.")
+    every_steps: int | None = Field(None, ge=1, description="Generate and score during training every N steps.")
+    subset_size: int = Field(64, ge=1, description="Rows scored during training (fixed subset).")
+    best_metric: Literal["exact_match", "relaxed_accuracy"] = Field(
+        "exact_match", description="Metric that picks the best checkpoint during training."
+    )
+    baselines: list[Literal["untrained", "majority"]] = Field(
+        default_factory=list, description="Also score the untrained model and a majority-answer baseline."
+    )
+    at_end: bool = Field(True, description="Evaluate the final model on data.eval_split after training.")
+
+
+class HubSection(Section):
+    repo_id: str | None = Field(None, description="ORG/NAME on the hub, or a local directory path.")
+    private: bool = Field(True, description="Create the hub repo as private.")
+    revision: str | None = Field(None, description="Branch to push to (created if missing).")
+    push_on_end: bool = Field(False, description="Push the final adapter when training ends.")
+
+
+class LoggingSection(Section):
+    report_to: list[Literal["none", "wandb", "tensorboard"]] = Field(
+        default_factory=lambda: ["none"], description="Trackers: wandb (WANDB_MODE=offline works), tensorboard."
+    )
+    wandb_project: str = Field("vlm-tune", description="W&B project name.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class Config(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    hub: HubSection = Field(default_factory=HubSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading, overrides, error messages
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, dotted + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    """' (did you mean X?)' for the closest valid key, preferring keys in the same section."""
+    valid = _valid_keys(Config)
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    same = [k for k in valid if k.rsplit(".", 1)[0] == parent] if parent else [k for k in valid if "." not in k]
+    for pool in (same, valid):
+        match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+        if match:
+            return f" (did you mean {match[0]}?)"
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = [k for k in valid if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.8)]
+    return f" (did you mean {by_leaf[0]}?)" if by_leaf else ""
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        # pydantic adds union member names (e.g. 'str', 'dict[str,str]') and list indices to loc
+        loc = [p for p in loc if not p.startswith(("function-", "literal[")) and p not in ("str", "dict[str,str]", "int")]
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key{_suggest(key)}")
+            continue
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "a mapping"
+        msg = e["msg"]
+        if msg.lower().startswith(("input should be", "value error")):
+            msg = "expected " + msg.split(" ", 3)[-1] if msg.lower().startswith("input should be") else msg
+        problems.append(f"{key}: got {shown}; {msg}")
+    # union types report one error per member; keep the first per key+value
+    seen, unique = set(), []
+    for p in problems:
+        head = p.split(";")[0]
+        if head not in seen:
+            seen.add(head)
+            unique.append(p)
+    return unique
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[str], Any]]:
+    """`a.b=value` strings → (key path, YAML-parsed value). Bad syntax raises ConfigError."""
+    parsed, problems = [], []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            problems.append(f"override {item!r}: expected section.key=value (e.g. train.learning_rate=1e-4)")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        # YAML 1.1 reads 1e-4 as a string; numbers like that are meant as floats
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") and value.strip() else value
+            except ValueError:
+                pass
+        parsed.append((key.strip().split("."), value))
+    if problems:
+        raise ConfigError(problems, "overrides")
+    return parsed
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    """PyYAML reads '1e-4' (no dot) as a string; turn such strings back into floats."""
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str):
+        s = node.strip()
+        if s and s[0] in "0123456789+-." and ("e" in s or "E" in s):
+            try:
+                return float(s)
+            except ValueError:
+                return node
+    return node
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set each `a.b.c=value` into a nested dict (creating levels; unknown keys are caught by validation)."""
+    for path, value in parse_overrides(overrides):
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def cross_field_problems(cfg: Config) -> list[str]:
+    """Rules that involve more than one key (litgpt's validate_args); all returned together."""
+    problems = []
+    if "{question}" not in cfg.prompt.user_template:
+        problems.append("prompt.user_template: must contain {question}")
+    if cfg.hub.push_on_end and not cfg.hub.repo_id:
+        problems.append("hub.push_on_end: true needs hub.repo_id (ORG/NAME or a local directory)")
+    if cfg.train.method == "qlora" and cfg.model.dtype == "float16" and cfg.model.name_or_path == BUILTIN_TINY:
+        problems.append("model.dtype: float16 QLoRA on CPU is not supported; use float32 or bfloat16")
+    if cfg.train.method == "full" and cfg.lora.modules_to_save:
+        problems.append("lora.modules_to_save: only used with train.method lora/qlora; remove it for full")
+    if isinstance(cfg.lora.targets, list):
+        bad = [t for t in cfg.lora.targets if t not in ("decoder", "projector", "vision")]
+        if bad:
+            problems.append(
+                f"lora.targets: unknown preset(s) {bad}; use decoder, projector, vision, or one regex string"
+            )
+        if not cfg.lora.targets:
+            problems.append("lora.targets: empty; name at least one of decoder, projector, vision")
+    if "none" in cfg.logging.report_to and len(cfg.logging.report_to) > 1:
+        problems.append("logging.report_to: 'none' cannot be combined with other trackers")
+    if isinstance(cfg.data.columns, str) and cfg.data.columns != "chartqa":
+        problems.append(f"data.columns: unknown preset {cfg.data.columns!r}; use 'chartqa' or a mapping")
+    if isinstance(cfg.data.columns, dict):
+        allowed = {"image", "images", "question", "answer", "id", "split", "type", "messages"}
+        extra = sorted(set(cfg.data.columns) - allowed)
+        if extra:
+            problems.append(f"data.columns: unknown role(s) {extra}; allowed: {sorted(allowed)}")
+    if cfg.data.source == SYNTHETIC:
+        from vlm_tune.data.synthetic import CHART_KINDS, QUESTION_TYPES
+
+        bad_q = [q for q in cfg.data.synthetic.question_types if q not in QUESTION_TYPES]
+        bad_k = [k for k in cfg.data.synthetic.chart_kinds if k not in CHART_KINDS]
+        if bad_q:
+            problems.append(f"data.synthetic.question_types: unknown {bad_q}; allowed: {list(QUESTION_TYPES)}")
+        if bad_k:
+            problems.append(f"data.synthetic.chart_kinds: unknown {bad_k}; allowed: {list(CHART_KINDS)}")
+    if cfg.eval.every_steps and cfg.eval.every_steps % cfg.train.save_steps and cfg.eval.every_steps > 0:
+        problems.append(
+            "eval.every_steps: must be a multiple of train.save_steps so the best checkpoint can be kept"
+        )
+    return problems
+
+
+def build_config(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+    """Validate a raw mapping (+ overrides) into a Config, or raise ConfigError with every problem."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
+    raw = apply_overrides(_fix_yaml_floats(raw), overrides)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), source) from None
+    problems = cross_field_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config and apply `section.key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    return build_config(raw, overrides, source=str(path))
+
+
+def describe_schema() -> str:
+    """Every key with its type, default and description (printed by `vlm-tune config --schema`)."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                lines.append(f"\n[{prefix}{name}]" if not prefix else f"{prefix}{name}:")
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"  {prefix}{name} = {default!r}  # {field.description}")
+
+    walk(Config, "")
+    return "\n".join(lines).lstrip()

@@ -1,0 +1,53 @@
+"""The prompt contract: the one function that turns a row into chat messages for train, eval and predict.
+
+A row is a dict with canonical fields (see `vlm_tune.data.sources`): `images` (list of PIL images, in
+order), `question`, `answers` (list of gold strings; training uses the first), optionally `messages`
+(a conversational row: system/user/assistant turns whose content lists hold image and text parts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PROMPT_FILE = "prompt.json"
+
+
+def build_messages(
+    row: dict[str, Any], system: str | None, user_template: str, with_answer: bool = True
+) -> list[dict[str, Any]]:
+    """Row → messages. with_answer=False drops the final assistant turn (for generation)."""
+    if row.get("messages"):
+        messages = [dict(m) for m in row["messages"]]
+        if system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        if not with_answer and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return messages
+
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    # all images first, in order (frames of a video stay in temporal order), then the question
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in row["images"]]
+    content.append({"type": "text", "text": user_template.format(question=row["question"])})
+    messages.append({"role": "user", "content": content})
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": row["answers"][0]}]})
+    return messages
+
+
+def save_prompt(directory: str | Path, system: str | None, user_template: str) -> Path:
+    """Write the prompt contract next to an adapter, so inference can reproduce training's prompt."""
+    path = Path(directory) / PROMPT_FILE
+    path.write_text(json.dumps({"system": system, "user_template": user_template}, indent=2) + "\n")
+    return path
+
+
+def load_prompt(directory: str | Path) -> dict[str, Any] | None:
+    """The saved prompt contract of an adapter directory, or None if it has none."""
+    path = Path(directory) / PROMPT_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

@@ -1,0 +1,165 @@
+"""Rows → model batches. Labels cover only assistant answers and their end-of-turn token.
+
+How supervision is computed (and why it is exact):
+1. Render the conversation with the processor's chat template. For each assistant turn i, the answer's
+   character span starts where `render(messages[:i], add_generation_prompt=True)` ends and stops after the
+   first end-of-turn token (`<end_of_utterance>` for SmolVLM) that follows.
+2. The processor expands every `<image>` placeholder into the image's token block (tiles, row/column
+   markers, global image) and reports where each expansion landed (`text_replacement_offsets`). Spans are
+   shifted by the characters each earlier expansion added.
+3. A token is supervised only if its character offsets lie inside a shifted span. Everything else (system,
+   user text, all image-related tokens, padding) is -100; image-related ids are masked again by id.
+Nothing is truncated: a row longer than the budget is rejected up front (see `count_tokens`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vlm_tune.data.chat import build_messages
+from vlm_tune.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+def end_of_turn_token(processor: Any) -> str:
+    """The token that closes an assistant turn (SmolVLM: <end_of_utterance>)."""
+    return getattr(processor, "end_of_utterance_token", None) or processor.tokenizer.eos_token
+
+
+def image_token_ids(processor: Any) -> set[int]:
+    """Ids of every image-related special token: never supervised."""
+    tok = processor.tokenizer
+    names = ["<image>", "<fake_token_around_image>", "<global-img>"]
+    names += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    ids = {tok.convert_tokens_to_ids(n) for n in names}
+    return {i for i in ids if i is not None and i != tok.unk_token_id}
+
+
+class ChatCollator:
+    """Builds training batches (right-padded, with labels) or generation batches (left-padded, no answer)."""
+
+    def __init__(self, processor: Any, system: str | None, user_template: str, max_length: int | None = None):
+        self.processor = processor
+        self.system = system
+        self.user_template = user_template
+        self.max_length = max_length
+        self.eot = end_of_turn_token(processor)
+        self.image_ids = image_token_ids(processor)
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def answer_spans(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of every assistant answer + end-of-turn."""
+        full = self.render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (upto.startswith(prefix) and full.startswith(upto)):
+                raise UserError(
+                    "the chat template does not render conversations prefix-stably, so answer tokens cannot "
+                    "be located; use a SmolVLM-style template"
+                )
+            end = upto.find(self.eot, len(prefix))
+            end = len(upto) if end < 0 else end + len(self.eot)
+            spans.append((len(prefix), end))
+        return full, spans
+
+    # -- batches ------------------------------------------------------------------------------------------
+    def _encode(self, texts: list[str], images: list[list[Any]], padding_side: str) -> Any:
+        tok = self.processor.tokenizer
+        old = tok.padding_side
+        tok.padding_side = padding_side
+        try:
+            return self.processor(
+                text=texts,
+                images=images,
+                padding=True,
+                return_tensors="pt",
+                return_offsets_mapping=True,
+                return_text_replacement_offsets=True,
+            )
+        finally:
+            tok.padding_side = old
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Training batch: input_ids, attention_mask, pixel_values, pixel_attention_mask, labels."""
+        texts, all_spans = [], []
+        for row in rows:
+            messages = build_messages(row, self.system, self.user_template, with_answer=True)
+            text, spans = self.answer_spans(messages)
+            texts.append(text)
+            all_spans.append(spans)
+        enc = self._encode(texts, [list(r["images"]) for r in rows], padding_side="right")
+        offsets = enc.pop("offset_mapping")
+        replacements = enc.pop("text_replacement_offsets", None) or [[] for _ in rows]
+        input_ids = enc["input_ids"]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for b, spans in enumerate(all_spans):
+            ends = [r["span"][1] for r in replacements[b]]
+            gained = [0] + [r["new_span"][1] - r["span"][1] for r in replacements[b]]
+            shifted = [
+                (s + gained[bisect.bisect_right(ends, s)], e + gained[bisect.bisect_right(ends, e)]) for s, e in spans
+            ]
+            mask = enc["attention_mask"][b].bool()
+            for start, end in shifted:
+                ts, te = offsets[b, :, 0], offsets[b, :, 1]
+                inside = (ts >= start) & (te <= end) & (te > ts) & mask
+                labels[b][inside] = input_ids[b][inside]
+        for token_id in self.image_ids:
+            labels[input_ids == token_id] = IGNORE_INDEX
+        if self.max_length is not None and input_ids.shape[1] > self.max_length:
+            lengths = enc["attention_mask"].sum(1).tolist()
+            ids = [r.get("id") for r in rows]
+            raise UserError(
+                f"batch rows {ids} have {lengths} tokens, over train.max_length={self.max_length}; "
+                "run `vlm-tune check` to find over-long rows, lower model.image.longest_edge, or raise "
+                "train.max_length"
+            )
+        enc["labels"] = labels
+        return dict(enc)
+
+    def generation_batch(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Prompt-only batch, left-padded for generation; the prompt is the same one training used."""
+        texts = [
+            self.render(build_messages(r, self.system, self.user_template, with_answer=False), add_generation_prompt=True)
+            for r in rows
+        ]
+        enc = self._encode(texts, [list(r["images"]) for r in rows], padding_side="left")
+        enc.pop("offset_mapping", None)
+        enc.pop("text_replacement_offsets", None)
+        return dict(enc)
+
+
+def count_tokens(processor: Any, collator: ChatCollator, row: dict[str, Any]) -> dict[str, int]:
+    """Token budget of one row without running the image processor: total, image and supervised tokens."""
+    messages = build_messages(row, collator.system, collator.user_template, with_answer=True)
+    text, spans = collator.answer_spans(messages)
+    tok = processor.tokenizer
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+    sizes = [(im.height, im.width) for im in row["images"]]
+    image_tokens = 0
+    if sizes:
+        counts = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+        image_tokens = int(sum(counts))
+    placeholder = getattr(processor, "image_token", "<image>")
+    n_placeholders = text.count(placeholder)
+    supervised = sum(
+        1 for (s, e) in enc["offset_mapping"] for (a, b) in spans if e > s and s >= a and e <= b
+    )
+    return {
+        "total": len(enc["input_ids"]) - n_placeholders + image_tokens,
+        "image": image_tokens,
+        "supervised": supervised,
+    }

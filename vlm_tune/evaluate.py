@@ -1,0 +1,130 @@
+"""Answer-level evaluation: batched greedy generation through the training prompt, then scoring.
+
+Writes `EVAL_DIR/predictions.jsonl` (id, question, gold, prediction, exact, relaxed, relaxed_strict, type,
+split) and `EVAL_DIR/metrics.json` (exact_match, relaxed_accuracy, relaxed_accuracy_strict overall, per
+split and per type, with counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm_tune.data.collate import ChatCollator
+from vlm_tune.metrics import aggregate, clean_generation, exact_match, relaxed_accuracy, relaxed_accuracy_strict
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    processor: Any,
+    collator: ChatCollator,
+    rows: Sequence[dict[str, Any]],
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+) -> list[str]:
+    """Greedy answers for rows, batch_size at a time (left padding, KV cache)."""
+    was_training = model.training
+    model.eval()
+    tok = processor.tokenizer
+    eos = [tok.convert_tokens_to_ids(collator.eot)]
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        batch = collator.generation_batch(rows[start : start + batch_size])
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if "pixel_values" in batch and dtype in (torch.bfloat16, torch.float16):
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        for ids in new_tokens:
+            answers.append(clean_generation(tok.decode(ids, skip_special_tokens=False)))
+    if was_training:
+        model.train()
+    return answers
+
+
+def score(rows: Sequence[dict[str, Any]], predictions: Sequence[str]) -> list[dict[str, Any]]:
+    """One record per row: prediction against all gold answers."""
+    records = []
+    for row, pred in zip(rows, predictions, strict=True):
+        gold = list(row["answers"])
+        records.append(
+            {
+                "id": row["id"],
+                "question": row["question"],
+                "gold": gold,
+                "prediction": pred,
+                "exact": exact_match(pred, gold),
+                "relaxed": relaxed_accuracy(pred, gold),
+                "relaxed_strict": relaxed_accuracy_strict(pred, gold),
+                "type": row.get("type", "all"),
+                "split": row.get("split", "all"),
+            }
+        )
+    return records
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_eval(out_dir: str | Path, records: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict:
+    """predictions.jsonl + metrics.json (each written atomically); returns the metrics."""
+    out_dir = Path(out_dir)
+    metrics = aggregate(records)
+    if extra:
+        metrics.update(extra)
+    _atomic_write(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def majority_answers(train_rows: Sequence[dict[str, Any]], eval_rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The most frequent training answer of each question type (ties → alphabetical), per eval row."""
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    overall: Counter = Counter()
+    for r in train_rows:
+        by_type[r.get("type", "all")][r["answers"][0]] += 1
+        overall[r["answers"][0]] += 1
+
+    def top(c: Counter) -> str:
+        return sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+
+    return [top(by_type[r.get("type", "all")] or overall) for r in eval_rows]
+
+
+def comparison_table(results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table of several evals side by side: overall and per type."""
+    names = list(results)
+    types = sorted({t for m in results.values() for t in m.get("by_type", {})})
+    header = f"{'':<22}" + "".join(f"{n:>12}" for n in names)
+    lines = [header, f"{'exact_match':<22}" + "".join(f"{results[n]['exact_match']:>12.3f}" for n in names)]
+    lines.append(f"{'relaxed_accuracy':<22}" + "".join(f"{results[n]['relaxed_accuracy']:>12.3f}" for n in names))
+    for t in types:
+        cells = "".join(f"{results[n].get('by_type', {}).get(t, {}).get('exact_match', float('nan')):>12.3f}" for n in names)
+        lines.append(f"{'  ' + t:<22}" + cells)
+    lines.append(f"{'n':<22}" + "".join(f"{results[n]['n']:>12d}" for n in names))
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Using a trained adapter: evaluate it, answer questions with it, merge it into its base model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vlm_tune.config import Config
+from vlm_tune.data.chat import load_prompt
+from vlm_tune.data.collate import ChatCollator
+from vlm_tune.errors import UserError
+
+
+def _resolve_adapter(adapter: str) -> Path:
+    """A local adapter directory, or a hub repo id downloaded (from cache when offline)."""
+    path = Path(adapter)
+    if path.is_dir():
+        return path
+    if path.exists() or adapter.startswith((".", "/")) or adapter.count("/") != 1:
+        raise UserError(f"--adapter {adapter}: not an adapter directory or a hub repo id (ORG/NAME)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(adapter))
+    except Exception as err:
+        raise UserError(
+            f"--adapter {adapter}: could not download ({type(err).__name__}: {err}). Offline? Download it on a "
+            "connected machine and pass the directory."
+        ) from None
+
+
+def load_for_inference(adapter: str | Path, dtype: str = "float32") -> tuple[Any, Any, dict[str, Any]]:
+    """(model with adapter, processor, prompt contract) from an adapter directory written by vlm-tune."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_tune.model import DTYPES
+
+    path = _resolve_adapter(str(adapter))
+    prompt = load_prompt(path)
+    if prompt is None:
+        raise UserError(f"{path}: no prompt.json; this is not an adapter directory written by vlm-tune")
+    processor = AutoProcessor.from_pretrained(path)
+    _apply_saved_image_settings(processor, path)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_id = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if not Path(base_id).exists() and base_id.count("/") != 1:
+            raise UserError(f"{path}: base model {base_id!r} not found; point adapter_config.json at a local copy")
+        base = AutoModelForImageTextToText.from_pretrained(base_id, dtype=DTYPES[dtype])
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype])
+    model.eval()
+    return model, processor, prompt
+
+
+def _apply_saved_image_settings(processor: Any, path: Path) -> None:
+    """The run's model.image settings (saved in config.yaml next to the adapter) reach the processor."""
+    cfg_path = path / "config.yaml"
+    if not cfg_path.is_file():
+        return
+    from vlm_tune.config import load_config
+    from vlm_tune.model import apply_image_settings
+
+    apply_image_settings(processor, load_config(cfg_path))
+
+
+def run_eval(
+    cfg: Config, adapter: str | None = None, base: bool = False, split: str | None = None,
+    limit: int | None = None, name: str | None = None,
+) -> dict[str, Any]:
+    """`vlm-tune eval`: score the adapter (default RUN_DIR/final) or the base model on a split."""
+    from vlm_tune.data.sources import load_split, prepare_split
+    from vlm_tune.evaluate import generate_answers, score, write_eval
+    from vlm_tune.model import load_model, load_processor, resolve_model_path
+
+    run_dir = Path(cfg.run.output_dir)
+    if base:
+        model_path = resolve_model_path(cfg)
+        processor = load_processor(model_path, cfg)
+        model = load_model(model_path, cfg)
+        system, template = cfg.prompt.system, cfg.prompt.user_template
+    else:
+        adapter = adapter or str(run_dir / "final")
+        if not Path(adapter).exists() and adapter == str(run_dir / "final"):
+            raise UserError(f"no adapter at {adapter}: train first, pass --adapter DIR, or use --base")
+        model, processor, prompt = load_for_inference(adapter, cfg.model.dtype)
+        system, template = prompt["system"], prompt["user_template"]
+    collator = ChatCollator(processor, system, template)
+    split = split or cfg.data.eval_split
+    prepared = prepare_split(load_split(cfg.data, split, cfg.model.cache_dir), cfg.data.on_bad_row, "skip",
+                             limit=limit or cfg.eval.limit)
+    rows = [prepared.rowset.row(i) for i in prepared.indices]
+    preds = generate_answers(model, processor, collator, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    out = run_dir / "eval" / (name or ("base" if base else "final"))
+    return write_eval(out, score(rows, preds), extra={"split": split, "skipped": dict(prepared.skipped)})
+
+
+def predict(
+    model: Any, processor: Any, prompt: dict[str, Any], items: list[dict[str, Any]], max_new_tokens: int = 16,
+    batch_size: int = 16,
+) -> list[str]:
+    """Answers for items of {images: [PIL], question: str}, through the saved prompt contract."""
+    from vlm_tune.evaluate import generate_answers
+
+    collator = ChatCollator(processor, prompt["system"], prompt["user_template"])
+    rows = [{"id": str(i), "images": it["images"], "question": it["question"], "answers": [""]} for i, it in enumerate(items)]
+    return generate_answers(model, processor, collator, rows, batch_size, max_new_tokens)
+
+
+def predict_cli(args: Any) -> int:
+    """`vlm-tune predict`: one question (--image/--frames + --question) or a JSONL batch (--batch)."""
+    from vlm_tune.data.sources import BadRow, expand_images
+
+    items: list[dict[str, Any]] = []
+    if args.batch:
+        path = Path(args.batch)
+        if not path.is_file():
+            raise UserError(f"--batch {path}: file not found")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"--batch {path}: line {n} is not JSON ({err})") from None
+            images = obj.get("images") or obj.get("image") or obj.get("frames")
+            if not images or not obj.get("question"):
+                raise UserError(f"--batch {path}: line {n} needs 'image' (or 'images'/'frames') and 'question'")
+            items.append({"images": expand_images(images, path.parent, 64, f"line {n}", "image"),
+                          "question": obj["question"], "id": obj.get("id", str(n))})
+    else:
+        if not args.question:
+            raise UserError("predict needs --question (or --batch FILE)")
+        if not args.image and not args.frames:
+            raise UserError("predict needs --image PATH (repeatable) or --frames DIR")
+        try:
+            images = []
+            for p in args.image:
+                images += expand_images(p, None, 64, "input", "--image")
+            if args.frames:
+                images += expand_images(args.frames, None, 64, "input", "--frames")
+        except BadRow as err:
+            raise UserError(str(err).split(" (reason")[0]) from None
+        items.append({"images": images, "question": args.question, "id": "0"})
+    model, processor, prompt = load_for_inference(args.adapter)
+    answers = predict(model, processor, prompt, items, args.max_new_tokens)
+    for item, answer in zip(items, answers, strict=True):
+        if args.json or args.batch:
+            print(json.dumps({"id": item["id"], "question": item["question"], "answer": answer}))
+        else:
+            print(answer)
+    return 0
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge a LoRA adapter into its base weights; the result loads with plain transformers."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no adapter_config.json; pass a LoRA adapter directory (RUN_DIR/final)")
+    model, processor, _ = load_for_inference(adapter_dir)
+    merged = model.merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    for name in ("prompt.json", "config.yaml"):
+        if (adapter_dir / name).is_file():
+            shutil.copy2(adapter_dir / name, tmp / name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,161 @@
+"""Load the model and processor (hub id, local directory or the builtin tiny model) and set up training.
+
+LoRA targets are an explicit, inspectable regex built from presets:
+  decoder   = text-decoder attention and MLP projections (model.text_model.layers.N.{self_attn,mlp}.*_proj)
+  projector = the multimodal connector (model.connector.modality_projection.proj)
+  vision    = vision-encoder attention and MLP (model.vision_model.encoder.layers.N.*)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm_tune.config import BUILTIN_TINY, Config
+from vlm_tune.errors import UserError
+
+TARGET_PRESETS = {
+    "decoder": r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+    "projector": r"model\.connector\.modality_projection\.proj",
+    "vision": r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
+}
+VISION_MODULE = "model.vision_model"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lora_target_regex(targets: list[str] | str) -> str:
+    """Presets (combined) or a user regex → one full-match regex over module names."""
+    if isinstance(targets, str):
+        return targets
+    return r"(.*\.)?(" + "|".join(TARGET_PRESETS[t] for t in targets) + r")"
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """builtin:tiny → a locally built tiny SmolVLM (cached); a local dir as is; a hub id checked offline first."""
+    name = cfg.model.name_or_path
+    if name == BUILTIN_TINY:
+        from vlm_tune.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(Path(cfg.model.cache_dir) / "tiny-model"))
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file() and not (Path(name) / "adapter_config.json").is_file():
+            raise UserError(f"model.name_or_path: {name} is a directory without config.json")
+        return name
+    if name.startswith((".", "/")) or name.count("/") != 1:
+        raise UserError(f"model.name_or_path: {name!r} is neither an existing directory nor a hub id (ORG/NAME)")
+    _check_hub_model_available(name, cfg.model.revision)
+    return name
+
+
+def _check_hub_model_available(repo_id: str, revision: str | None) -> None:
+    """Fail at once, naming the id and the fix, when offline and the model is not cached."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True")
+    if not offline:
+        return
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(cached, str):
+        raise UserError(
+            f"model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE=1 is set. Download it on a connected "
+            f"machine (`hf download {repo_id}`) and copy the cache here, or save it with save_pretrained and set "
+            "model.name_or_path to that directory."
+        )
+
+
+def load_processor(path: str, cfg: Config) -> Any:
+    """AutoProcessor with model.image settings applied to the image processor."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, revision=cfg.model.revision)
+    apply_image_settings(processor, cfg)
+    return processor
+
+
+def apply_image_settings(processor: Any, cfg: Config) -> None:
+    """model.image → the image processor (longest edge, tile size, splitting)."""
+    ip = processor.image_processor
+    img = cfg.model.image
+    if img.longest_edge is not None:
+        ip.size = {"longest_edge": img.longest_edge}
+    if img.tile_size is not None:
+        ip.max_image_size = {"longest_edge": img.tile_size}
+    if img.do_image_splitting is not None:
+        ip.do_image_splitting = img.do_image_splitting
+
+
+def load_model(path: str, cfg: Config) -> Any:
+    """The base model in the configured dtype; 4-bit NF4 for qlora."""
+    from transformers import AutoModelForImageTextToText
+
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.model.dtype], "revision": cfg.model.revision}
+    kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.train.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype],
+            bnb_4bit_use_double_quant=True,
+            # vision tower, projector and head stay unquantized (small layers break the CPU 4-bit path)
+            llm_int8_skip_modules=[VISION_MODULE, "model.connector", "lm_head"],
+        )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise UserError(f"model {path!r} could not be loaded: {err}") from None
+    return model
+
+
+def setup_training(model: Any, cfg: Config) -> Any:
+    """Freeze/unfreeze by method; wrap in LoRA when asked. Returns the model to train."""
+    method = cfg.train.method
+    if method == "full":
+        for name, p in model.named_parameters():
+            p.requires_grad = cfg.model.train_vision or not name.startswith(VISION_MODULE)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = list(cfg.lora.modules_to_save)
+    targets = cfg.lora.targets
+    if cfg.model.train_vision and not (isinstance(targets, list) and "vision" in targets):
+        modules_to_save.append("vision_model")  # vision tower trained fully, saved with the adapter
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_target_regex(targets),
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    if method == "qlora":
+        for p in model.parameters():
+            p.requires_grad = False
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as err:
+        raise UserError(f"lora.targets {targets!r} matched no module: {err}") from None
+    return peft_model
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights counted by their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def lora_module_names(model: Any) -> list[str]:
+    """Names of modules that received LoRA layers (for inspection and tests)."""
+    return sorted({re.sub(r"\.lora_[AB].*$", "", n) for n, _ in model.named_parameters() if ".lora_A." in n})

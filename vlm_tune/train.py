@@ -1,0 +1,172 @@
+"""train(cfg): config → model and processor → data → LoRA → trainer → train → save → eval. One screen."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from transformers import set_seed
+
+from vlm_tune.config import Config
+from vlm_tune.data.chat import save_prompt
+from vlm_tune.data.collate import ChatCollator
+from vlm_tune.data.sources import RowDataset, load_split, prepare_split
+from vlm_tune.evaluate import comparison_table, generate_answers, majority_answers, score, write_eval
+from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
+from vlm_tune.trainer import (
+    CheckpointMarker,
+    GenerationEval,
+    RichProgress,
+    VlmTrainer,
+    plot_history,
+    prepare_run_dir,
+    training_arguments,
+)
+
+console = Console(stderr=True)
+
+
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Run one training job described by cfg; returns the run directory."""
+    t_start = time.perf_counter()
+    run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)  # config.yaml written before step 0
+    set_seed(cfg.run.seed)
+    _setup_trackers(cfg, run_dir)
+
+    # model and processor
+    model_path = resolve_model_path(cfg)
+    processor = load_processor(model_path, cfg)
+    collator = ChatCollator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
+
+    # data: every row decoded and measured once, before any step
+    cache = cfg.model.cache_dir
+    d = cfg.data
+    train_split = prepare_split(
+        load_split(d, d.train_split, cache), d.on_bad_row, d.on_overlong, cfg.train.max_length, processor, collator,
+        limit=d.max_train_samples,
+    )
+    eval_split = prepare_split(
+        load_split(d, d.eval_split, cache), d.on_bad_row, d.on_overlong, None, limit=cfg.eval.limit or d.max_eval_samples
+    )
+    console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
+    eval_rows = [eval_split.rowset.row(i) for i in eval_split.indices]
+
+    # baselines, scored before any training
+    model = load_model(model_path, cfg)
+    results: dict[str, dict[str, Any]] = {}
+    if "untrained" in cfg.eval.baselines and checkpoint is None:
+        results["untrained"] = _evaluate(model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained")
+    if "majority" in cfg.eval.baselines and checkpoint is None:
+        train_rows = [{"answers": [a], "type": t} for a, t in _answers_and_types(train_split)]
+        preds = majority_answers(train_rows, eval_rows)
+        results["majority"] = write_eval(run_dir / "eval" / "majority", score(eval_rows, preds))
+
+    # LoRA / QLoRA / full
+    model = setup_training(model, cfg)
+    trainable, total = parameter_counts(model)
+    console.print(f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "
+                  f"({100 * trainable / max(total, 1):.2f}%)")
+
+    # trainer
+    callbacks: list[Any] = [CheckpointMarker()]
+    if cfg.logging.progress:
+        callbacks.append(RichProgress(cfg.train.batch_size * cfg.train.gradient_accumulation_steps))
+    gen_eval = None
+    if cfg.eval.every_steps:
+        subset = eval_rows[: cfg.eval.subset_size]
+        gen_eval = GenerationEval(
+            lambda m, step: write_eval(run_dir / "eval" / "during", score(subset, generate_answers(
+                m, processor, collator, subset, cfg.eval.batch_size, cfg.eval.max_new_tokens))),
+            cfg.eval.every_steps, cfg.eval.best_metric, run_dir,
+        )
+        callbacks.append(gen_eval)
+    trainer = VlmTrainer(
+        model=model,
+        args=training_arguments(cfg, run_dir),
+        train_dataset=RowDataset(train_split),
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+    # train
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    # save
+    final_dir = run_dir / "final"
+    if trainer.is_world_process_zero():
+        save_final(trainer.model, processor, cfg, final_dir)
+        (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        plot_history(trainer.state.log_history, run_dir / "plots")
+        shutil.rmtree(run_dir / "eval" / "during", ignore_errors=True)
+
+    # eval
+    if cfg.eval.at_end and trainer.is_world_process_zero():
+        results["final"] = _evaluate(trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final")
+        for name in ("untrained", "majority"):
+            if name not in results and (run_dir / "eval" / name / "metrics.json").is_file():
+                results[name] = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
+        ordered = {k: results[k] for k in ("untrained", "majority", "final") if k in results}
+        console.print("[vlm-tune] held-out evaluation (" + cfg.data.eval_split + "):\n" + comparison_table(ordered))
+        base = "untrained" if "untrained" in results else ("majority" if "majority" in results else None)
+        if base:
+            from vlm_tune.report import write_report
+
+            images = {r["id"]: r["images"][0] for r in eval_rows}
+            write_report(run_dir / "report.html", run_dir / "eval" / base, run_dir / "eval" / "final",
+                         images=images.get, title=f"{cfg.run.name}: {base} vs final")
+
+    if cfg.hub.push_on_end and trainer.is_world_process_zero():
+        from vlm_tune.hub import push
+
+        console.print(f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}")
+    console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
+    return run_dir
+
+
+def save_final(model: Any, processor: Any, cfg: Config, final_dir: Path) -> None:
+    """Adapter (or full weights) + processor + chat template + prompt contract + resolved config."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "README.md").unlink(missing_ok=True)  # peft's stub card; `vlm-tune push` writes the real one
+    save_prompt(tmp, cfg.prompt.system, cfg.prompt.user_template)
+    (tmp / "config.yaml").write_text(cfg.to_yaml())
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp, final_dir)
+
+
+def _evaluate(model: Any, processor: Any, collator: ChatCollator, rows: list[dict], cfg: Config, out: Path) -> dict:
+    preds = generate_answers(model, processor, collator, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    return write_eval(out, score(rows, preds))
+
+
+def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:
+    """Training answers and types without decoding images (for the majority baseline)."""
+    rs = prepared.rowset
+    cols = rs.columns
+    if "messages" in cols:
+        return [(r["answers"][0], r["type"]) for r in (rs.row(i) for i in prepared.indices)]
+    from vlm_tune.data.sources import normalize_answers
+
+    table = rs.dataset.select_columns([c for c in (cols["answer"], cols.get("type")) if c])
+    out = []
+    for i in prepared.indices:
+        raw = table[i]
+        out.append((normalize_answers(raw[cols["answer"]], str(i), cols["answer"])[0],
+                    str(raw[cols["type"]]) if cols.get("type") else "all"))
+    return out
+
+
+def _setup_trackers(cfg: Config, run_dir: Path) -> None:
+    if "wandb" in cfg.logging.report_to:
+        os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+    if "tensorboard" in cfg.logging.report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")

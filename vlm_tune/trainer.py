@@ -1,0 +1,286 @@
+"""The pieces train.py uses: the run directory, the Trainer subclass, callbacks, checkpoints, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import Trainer, TrainerCallback
+
+from vlm_tune.config import Config
+from vlm_tune.errors import UserError
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+# keys that may change between a run and its resume; anything else makes the checkpoint incompatible
+RESUMABLE_CHANGES = {
+    ("train", "max_steps"), ("train", "epochs"), ("train", "save_steps"), ("train", "save_total_limit"),
+    ("train", "logging_steps"), ("train", "dataloader_num_workers"), ("eval",), ("hub",), ("logging",),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run directory
+
+
+def prepare_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[Path, str | None]:
+    """Create or reopen RUN_DIR. Returns (run_dir, checkpoint to resume from or None)."""
+    run_dir = Path(cfg.run.output_dir)
+    has_run = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume is not None:
+        checkpoint = find_checkpoint(run_dir, resume)
+        check_resume_compatible(run_dir, cfg)
+        return run_dir, str(checkpoint)
+    if has_run and not overwrite:
+        raise UserError(
+            f"run.output_dir {run_dir} already holds a run. Use --resume to continue it, --overwrite to replace it, "
+            "or set run.output_dir=another/dir"
+        )
+    if has_run and overwrite:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir, None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints whose writing finished (marker present), oldest first."""
+    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in found if (p / COMPLETE_MARKER).is_file()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """`latest` → newest complete checkpoint in run_dir; else the given path (must be complete)."""
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"--resume {path}: no such checkpoint directory")
+        if not (path / COMPLETE_MARKER).is_file():
+            raise UserError(f"--resume {path}: checkpoint is incomplete (its writing was interrupted); pick another")
+        return path
+    if not run_dir.is_dir():
+        raise UserError(f"--resume: {run_dir} does not exist; start the run without --resume")
+    good = complete_checkpoints(run_dir)
+    incomplete = [p.name for p in run_dir.glob("checkpoint-*") if p.is_dir() and p not in good]
+    if incomplete:
+        print(f"[vlm-tune] skipping incomplete checkpoint(s) {sorted(incomplete)} (interrupted while saving)")
+    if not good:
+        raise UserError(f"--resume: no complete checkpoint in {run_dir}; start again with --overwrite")
+    return good[-1]
+
+
+def _diff(a: Any, b: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), (*path, k))
+        return out
+    return [] if a == b else [path]
+
+
+def check_resume_compatible(run_dir: Path, cfg: Config) -> None:
+    """A resume must use the same model, data, LoRA and optimizer settings as the run it continues."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"--resume: {saved_path} is missing, so this is not a vlm-tune run directory")
+    saved = yaml.safe_load(saved_path.read_text())
+    changed = [p for p in _diff(saved, cfg.to_dict()) if not any(p[: len(r)] == r for r in RESUMABLE_CHANGES)]
+    if changed:
+        keys = ", ".join(".".join(p) for p in changed)
+        raise UserError(
+            f"--resume: the checkpoint in {run_dir} is incompatible with this config; changed: {keys}. "
+            "Resume with the original settings or start a new run."
+        )
+    saved_path.write_text(cfg.to_yaml())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trainer
+
+
+class VlmTrainer(Trainer):
+    """Trainer that also logs the supervised-token fraction and supervised tokens per second."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sup = self._tok = 0
+        self._t0 = time.perf_counter()
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
+        labels = inputs.get("labels")
+        if labels is not None:
+            self._sup += int((labels != -100).sum())
+            self._tok += int(inputs["attention_mask"].sum())
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._tok:
+            logs["supervised_fraction"] = round(self._sup / self._tok, 4)
+            logs["supervised_tokens_per_s"] = round(self._sup / max(time.perf_counter() - self._t0, 1e-9), 2)
+            self._sup = self._tok = 0
+            self._t0 = time.perf_counter()
+        super().log(logs, *args, **kwargs)
+
+
+class CheckpointMarker(TrainerCallback):
+    """Writes a marker into a checkpoint after everything in it is saved; resume only trusts marked ones."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if path.is_dir():
+            (path / COMPLETE_MARKER).write_text(json.dumps({"step": state.global_step}) + "\n")
+
+
+class RichProgress(TrainerCallback):
+    """A progress bar with loss, learning rate, samples/s and ETA."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.progress = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+        self.t0, self.step0 = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.progress is None or not logs or "loss" not in logs:
+            return
+        rate = (state.global_step - self.step0) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(
+            self.task, info=f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  {rate:.1f} samples/s"
+        )
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class GenerationEval(TrainerCallback):
+    """Every eval.every_steps: generate on a fixed subset, score, log, and keep the best checkpoint."""
+
+    def __init__(self, run_eval: Any, every: int, metric: str, run_dir: Path) -> None:
+        self.run_eval, self.every, self.metric, self.run_dir = run_eval, every, metric, run_dir
+        self.history: list[dict[str, Any]] = []
+        self.best: tuple[float, int] | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step % self.every:
+            return
+        metrics = self.run_eval(model, state.global_step)
+        entry = {"step": state.global_step, "exact_match": metrics["exact_match"],
+                 "relaxed_accuracy": metrics["relaxed_accuracy"]}
+        self.history.append(entry)
+        state.log_history.append({f"eval_{k}": v for k, v in entry.items() if k != "step"} | {"step": state.global_step})
+        if self.best is None or entry[self.metric] > self.best[0]:
+            self.best = (entry[self.metric], state.global_step)
+            state.best_metric = entry[self.metric]
+            # Trainer's checkpoint rotation never deletes the best checkpoint
+            state.best_model_checkpoint = str(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.best is not None and state.is_world_process_zero:
+            (self.run_dir / "best_checkpoint.json").write_text(json.dumps({
+                "metric": self.metric, "value": self.best[0], "step": self.best[1],
+                "checkpoint": f"checkpoint-{self.best[1]}", "history": self.history}, indent=2) + "\n")
+
+
+def training_arguments(cfg: Config, run_dir: Path) -> Any:
+    """Config → transformers TrainingArguments."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    use_cuda = torch.cuda.is_available()
+    report_to = [] if cfg.logging.report_to == ["none"] else list(cfg.logging.report_to)
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        num_train_epochs=t.epochs,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        bf16=cfg.model.dtype == "bfloat16" and use_cuda,
+        fp16=cfg.model.dtype == "float16" and use_cuda,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        report_to=report_to,
+        run_name=cfg.run.name,
+        disable_tqdm=True,
+        use_cpu=not use_cuda,
+        ddp_find_unused_parameters=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots
+
+
+def plot_history(log_history: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
+    """loss.png from the training log; accuracy.png when evals ran during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    losses = [(h["step"], h["loss"]) for h in log_history if "loss" in h and math.isfinite(h["loss"])]
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*losses, strict=True), marker=".")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title("training loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plots_dir / "loss.png", dpi=100)
+        plt.close(fig)
+        written.append(plots_dir / "loss.png")
+    evals = [(h["step"], h["eval_exact_match"], h["eval_relaxed_accuracy"]) for h in log_history if "eval_exact_match" in h]
+    if evals:
+        steps, em, ra = zip(*evals, strict=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, em, marker="o", label="exact match")
+        ax.plot(steps, ra, marker="s", label="relaxed accuracy")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        ax.set_title("held-out accuracy during training")
+        fig.tight_layout()
+        fig.savefig(plots_dir / "accuracy.png", dpi=100)
+        plt.close(fig)
+        written.append(plots_dir / "accuracy.png")
+    return written
