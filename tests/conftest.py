@@ -9,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from vlm_tune.config import build_config
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -41,3 +43,33 @@ def cache_dir(tmp_path_factory, tiny_dir):
     cache = tmp_path_factory.mktemp("cache")
     shutil.copytree(tiny_dir, cache / "tiny-model")
     return cache
+
+
+def tiny_cfg(cache_dir, out, *overrides):
+    raw = {
+        "run": {"output_dir": str(out), "seed": 0},
+        "model": {"cache_dir": str(cache_dir), "image": {"longest_edge": 64}},
+        "data": {"synthetic": {"n_train": 48, "n_test": 8, "seed": 1}},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {
+            "batch_size": 4,
+            "max_steps": 4,
+            "save_steps": 2,
+            "save_total_limit": 5,
+            "logging_steps": 1,
+            "learning_rate": 1e-2,
+            "max_length": 256,
+        },
+        "eval": {"batch_size": 8, "max_new_tokens": 3, "baselines": ["untrained", "majority"]},
+        "logging": {"progress": False},
+    }
+    return build_config(raw, list(overrides))
+
+
+@pytest.fixture(scope="session")
+def lora_run(cache_dir, tmp_path_factory):
+    """One short LoRA run shared by the tests that inspect a finished run."""
+    from vlm_tune.train import train
+
+    out = tmp_path_factory.mktemp("lora") / "run"
+    return train(tiny_cfg(cache_dir, out))

@@ -41,10 +41,20 @@ def test_input_ids_equal_processor_on_chat_template(processor, collator):
     """Our batch is exactly what the processor makes of the rendered conversation."""
     r = row("red", [img(), img(40, 64)])
     text = processor.apply_chat_template(
-        [{"role": "system", "content": [{"type": "text", "text": "You read charts."}]},
-         {"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                      {"type": "text", "text": TEMPLATE.format(question=r["question"])}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], tokenize=False)
+        [
+            {"role": "system", "content": [{"type": "text", "text": "You read charts."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "image"},
+                    {"type": "text", "text": TEMPLATE.format(question=r["question"])},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+        tokenize=False,
+    )
     ref = processor(text=[text], images=[r["images"]], return_tensors="pt")
     batch = collator([r])
     assert torch.equal(batch["input_ids"], ref["input_ids"])
@@ -52,15 +62,21 @@ def test_input_ids_equal_processor_on_chat_template(processor, collator):
 
 
 def test_several_images_and_padded_batch(processor, collator):
-    rows = [row("2", [img()]), row("blue", [img(), img(32, 32), img(64, 40)], rid="b"),
-            row("Democrat (scores 60 to 100)", [img(48, 64)], question="Which party? " * 5, rid="c")]
+    rows = [
+        row("2", [img()]),
+        row("blue", [img(), img(32, 32), img(64, 40)], rid="b"),
+        row("Democrat (scores 60 to 100)", [img(48, 64)], question="Which party? " * 5, rid="c"),
+    ]
     batch = collator(rows)
     assert batch["input_ids"].shape[0] == 3
     assert batch["attention_mask"].sum(1).unique().numel() == 3  # really padded
     pad = batch["attention_mask"] == 0
     assert (batch["labels"][pad] == IGNORE_INDEX).all()
     assert [supervised_text(processor, batch, b) for b in range(3)] == [
-        " 2<end_of_utterance>", " blue<end_of_utterance>", " Democrat (scores 60 to 100)<end_of_utterance>"]
+        " 2<end_of_utterance>",
+        " blue<end_of_utterance>",
+        " Democrat (scores 60 to 100)<end_of_utterance>",
+    ]
     frac = (batch["labels"] != IGNORE_INDEX).sum() / batch["attention_mask"].sum()
     assert 0 < frac < 0.2
 
@@ -72,7 +88,13 @@ def test_multi_turn_supervises_every_answer(processor, collator):
         {"role": "user", "content": [{"type": "text", "text": "Which is tallest?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "B"}]},
     ]
-    r = {"id": "m", "images": [img()], "question": "Which is tallest?", "answers": ["B"], "messages": messages}
+    r = {
+        "id": "m",
+        "images": [img()],
+        "question": "Which is tallest?",
+        "answers": ["B"],
+        "messages": messages,
+    }
     batch = collator([r])
     assert supervised_text(processor, batch, 0) == " 4<end_of_utterance> B<end_of_utterance>"
 

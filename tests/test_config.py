@@ -59,7 +59,11 @@ def test_all_problems_reported_together():
 
 def test_cross_field_problems_gathered():
     problems, _ = problems_of(
-        {"prompt": {"user_template": "no placeholder"}, "hub": {"push_on_end": True}, "lora": {"targets": ["decodr"]}}
+        {
+            "prompt": {"user_template": "no placeholder"},
+            "hub": {"push_on_end": True},
+            "lora": {"targets": ["decodr"]},
+        }
     )
     assert len(problems) == 3
     assert any(p.startswith("prompt.user_template") for p in problems)
@@ -68,11 +72,27 @@ def test_cross_field_problems_gathered():
 
 
 def test_overrides_parse_yaml_scalars():
-    parsed = dict((".".join(k), v) for k, v in parse_overrides(
-        ["train.learning_rate=1e-4", "lora.r=16", "model.train_vision=true", "prompt.system=null",
-         "lora.targets=[decoder]", "run.name=abc"]))
-    assert parsed == {"train.learning_rate": 1e-4, "lora.r": 16, "model.train_vision": True,
-                      "prompt.system": None, "lora.targets": ["decoder"], "run.name": "abc"}
+    parsed = dict(
+        (".".join(k), v)
+        for k, v in parse_overrides(
+            [
+                "train.learning_rate=1e-4",
+                "lora.r=16",
+                "model.train_vision=true",
+                "prompt.system=null",
+                "lora.targets=[decoder]",
+                "run.name=abc",
+            ]
+        )
+    )
+    assert parsed == {
+        "train.learning_rate": 1e-4,
+        "lora.r": 16,
+        "model.train_vision": True,
+        "prompt.system": None,
+        "lora.targets": ["decoder"],
+        "run.name": "abc",
+    }
 
 
 def test_overrides_applied_and_validated():

@@ -29,7 +29,9 @@ def data_cfg(path, **extra):
 
 def test_jsonl_relative_paths_and_canonical_rows(tmp_path):
     good_image(tmp_path)
-    path = write_rows(tmp_path, [{"id": "a", "image": "ok.png", "question": "Q?", "answer": "4", "split": "train"}])
+    path = write_rows(
+        tmp_path, [{"id": "a", "image": "ok.png", "question": "Q?", "answer": "4", "split": "train"}]
+    )
     rs = load_split(data_cfg(path), "train", tmp_path)
     r = rs.row(0)
     assert r["id"] == "a" and r["answers"] == ["4"] and r["question"] == "Q?"
@@ -53,8 +55,10 @@ def test_bad_rows_named_and_skippable(tmp_path, cell, reason):
     (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
     Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.png")
     (tmp_path / "truncated.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
-    rows = [{"id": "good", "image": "ok.png", "question": "Q?", "answer": "2"},
-            {"id": "bad7", "question": "Q?", **cell}]
+    rows = [
+        {"id": "good", "image": "ok.png", "question": "Q?", "answer": "2"},
+        {"id": "bad7", "question": "Q?", **cell},
+    ]
     path = write_rows(tmp_path, rows)
     rs = load_split(data_cfg(path), "train", tmp_path)
     with pytest.raises(BadRow) as info:
@@ -106,8 +110,15 @@ def test_frame_folder_is_ordered_and_capped(tmp_path):
     for i in range(10):
         Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(frames / f"f{i:02d}.png")
     path = write_rows(tmp_path, [{"id": "v", "frames": "clip", "question": "Q?", "answer": "a"}])
-    cfg = build_config({"data": {"source": str(path), "max_frames": 4,
-                                 "columns": {"images": "frames", "question": "question", "answer": "answer"}}}).data
+    cfg = build_config(
+        {
+            "data": {
+                "source": str(path),
+                "max_frames": 4,
+                "columns": {"images": "frames", "question": "question", "answer": "answer"},
+            }
+        }
+    ).data
     r = load_split(cfg, "train", tmp_path).row(0)
     reds = [im.getpixel((0, 0))[0] for im in r["images"]]
     assert len(reds) == 4 and reds == sorted(reds) and reds[0] == 0
@@ -115,10 +126,14 @@ def test_frame_folder_is_ordered_and_capped(tmp_path):
 
 def test_conversational_rows(tmp_path):
     good_image(tmp_path)
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "3"}]}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "3"}]},
+    ]
     path = write_rows(tmp_path, [{"messages": msgs, "images": ["ok.png"]}])
-    cfg = build_config({"data": {"source": str(path), "columns": {"messages": "messages", "images": "images"}}}).data
+    cfg = build_config(
+        {"data": {"source": str(path), "columns": {"messages": "messages", "images": "images"}}}
+    ).data
     r = load_split(cfg, "train", tmp_path).row(0)
     assert r["answers"] == ["3"] and r["question"] == "How many?" and len(r["images"]) == 1
     assert r["messages"][0]["content"][0] == {"type": "image"}
@@ -131,12 +146,23 @@ def test_chartqa_schema_stand_in_flows_through_real_config(tmp_path):
     from vlm_tune.config import load_config
 
     ims = [Image.new("RGB", (80, 60), (i * 40, 0, 0)) for i in range(4)]
-    feats = datasets.Features({"image": datasets.Image(), "query": datasets.Value("string"),
-                               "label": datasets.Sequence(datasets.Value("string")),
-                               "human_or_machine": datasets.ClassLabel(names=["human", "augmented"])})
-    ds = datasets.Dataset.from_dict({"image": ims, "query": ["q0", "q1", "q2", "q3"],
-                                     "label": [["1"], ["Yes"], ["0.57"], ["2014"]],
-                                     "human_or_machine": [0, 1, 0, 1]}, features=feats)
+    feats = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "query": datasets.Value("string"),
+            "label": datasets.Sequence(datasets.Value("string")),
+            "human_or_machine": datasets.ClassLabel(names=["human", "augmented"]),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": ims,
+            "query": ["q0", "q1", "q2", "q3"],
+            "label": [["1"], ["Yes"], ["0.57"], ["2014"]],
+            "human_or_machine": [0, 1, 0, 1],
+        },
+        features=feats,
+    )
     datasets.DatasetDict({"train": ds, "val": ds, "test": ds}).save_to_disk(str(tmp_path / "chartqa"))
     cfg = load_config("configs/smolvlm-256m-chartqa.yaml", [f"data.source={tmp_path / 'chartqa'}"])
     rs = load_split(cfg.data, cfg.data.eval_split, tmp_path)

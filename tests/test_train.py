@@ -12,31 +12,11 @@ from safetensors.torch import load_file
 from vlm_tune.config import build_config
 from vlm_tune.errors import UserError
 
-
-def tiny_cfg(cache_dir, out, *overrides):
-    raw = {
-        "run": {"output_dir": str(out), "seed": 0},
-        "model": {"cache_dir": str(cache_dir), "image": {"longest_edge": 64}},
-        "data": {"synthetic": {"n_train": 48, "n_test": 8, "seed": 1}},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"batch_size": 4, "max_steps": 4, "save_steps": 2, "save_total_limit": 5, "logging_steps": 1,
-                  "learning_rate": 1e-2, "max_length": 256},
-        "eval": {"batch_size": 8, "max_new_tokens": 3, "baselines": ["untrained", "majority"]},
-        "logging": {"progress": False},
-    }
-    return build_config(raw, list(overrides))
+from .conftest import tiny_cfg
 
 
 def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def lora_run(cache_dir, tmp_path_factory):
-    from vlm_tune.train import train
-
-    out = tmp_path_factory.mktemp("lora") / "run"
-    return train(tiny_cfg(cache_dir, out))
 
 
 @pytest.mark.slow
@@ -44,21 +24,39 @@ def test_run_directory_exact_file_set(lora_run):
     files = files_under(lora_run)
     final = {f for f in files if f.startswith("final/")}
     assert final == {
-        "final/adapter_config.json", "final/adapter_model.safetensors", "final/chat_template.jinja",
-        "final/processor_config.json", "final/tokenizer.json", "final/tokenizer_config.json",
-        "final/prompt.json", "final/config.yaml",
-    } | {f for f in final if f.startswith("final/preprocessor_config") or f.startswith("final/special_tokens")}
+        "final/adapter_config.json",
+        "final/adapter_model.safetensors",
+        "final/chat_template.jinja",
+        "final/processor_config.json",
+        "final/tokenizer.json",
+        "final/tokenizer_config.json",
+        "final/prompt.json",
+        "final/config.yaml",
+    } | {
+        f for f in final if f.startswith("final/preprocessor_config") or f.startswith("final/special_tokens")
+    }
     checkpoints = {f.split("/")[0] for f in files if f.startswith("checkpoint-")}
     assert checkpoints == {"checkpoint-2", "checkpoint-4"}
     assert {f for f in files if f.startswith("checkpoint-4/")} >= {
-        "checkpoint-4/adapter_model.safetensors", "checkpoint-4/optimizer.pt", "checkpoint-4/scheduler.pt",
-        "checkpoint-4/trainer_state.json", "checkpoint-4/checkpoint_complete.json", "checkpoint-4/rng_state.pth"}
+        "checkpoint-4/adapter_model.safetensors",
+        "checkpoint-4/optimizer.pt",
+        "checkpoint-4/scheduler.pt",
+        "checkpoint-4/trainer_state.json",
+        "checkpoint-4/checkpoint_complete.json",
+        "checkpoint-4/rng_state.pth",
+    }
     rest = {f for f in files if not f.startswith(("final/", "checkpoint-"))}
     assert rest == {
-        "config.yaml", "train_log.json", "plots/loss.png", "report.html",
-        "eval/untrained/metrics.json", "eval/untrained/predictions.jsonl",
-        "eval/majority/metrics.json", "eval/majority/predictions.jsonl",
-        "eval/final/metrics.json", "eval/final/predictions.jsonl",
+        "config.yaml",
+        "train_log.json",
+        "plots/loss.png",
+        "report.html",
+        "eval/untrained/metrics.json",
+        "eval/untrained/predictions.jsonl",
+        "eval/majority/metrics.json",
+        "eval/majority/predictions.jsonl",
+        "eval/final/metrics.json",
+        "eval/final/predictions.jsonl",
     }
 
 
@@ -68,7 +66,10 @@ def test_metrics_files_schema(lora_run):
         m = json.loads((lora_run / "eval" / name / "metrics.json").read_text())
         assert 0.0 <= m["exact_match"] <= 1.0 and m["n"] == 8
         assert set(m["by_type"]) == {"count", "color_max"}
-        preds = [json.loads(line) for line in (lora_run / "eval" / name / "predictions.jsonl").read_text().splitlines()]
+        preds = [
+            json.loads(line)
+            for line in (lora_run / "eval" / name / "predictions.jsonl").read_text().splitlines()
+        ]
         assert len(preds) == 8
         assert set(preds[0]) >= {"id", "question", "gold", "prediction", "exact", "relaxed", "type", "split"}
 
@@ -97,8 +98,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from peft import PeftModel
 assert 'vlm_tune' not in sys.modules
-p = AutoProcessor.from_pretrained({str(lora_run / 'final')!r})
-m = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained({str(tiny_dir)!r}), {str(lora_run / 'final')!r}).eval()
+p = AutoProcessor.from_pretrained({str(lora_run / "final")!r})
+m = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained({str(tiny_dir)!r}), {str(lora_run / "final")!r}).eval()
 msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "How many bars are there?"}}]}}]
 text = p.apply_chat_template(msgs, add_generation_prompt=True)
 b = p(text=[text], images=[[Image.new("RGB", (64, 64), (200, 0, 0))]], return_tensors="pt")
@@ -113,7 +114,9 @@ assert 'vlm_tune' not in sys.modules
     from vlm_tune.inference import load_for_inference
 
     model, processor, _ = load_for_inference(lora_run / "final")
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bars are there?"}]}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bars are there?"}]}
+    ]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True)
     b = processor(text=[text], images=[[Image.new("RGB", (64, 64), (200, 0, 0))]], return_tensors="pt")
     with torch.no_grad():
@@ -154,8 +157,15 @@ def test_resume_after_sigkill_equals_uninterrupted(cache_dir, tmp_path):
     n = 6
     cfgs = {}
     for name in ("straight", "killed"):
-        cfg = tiny_cfg(cache_dir, tmp_path / name, f"train.max_steps={n}", "train.save_steps=2",
-                       "lora.dropout=0.1", "eval.at_end=false", "eval.baselines=[]")
+        cfg = tiny_cfg(
+            cache_dir,
+            tmp_path / name,
+            f"train.max_steps={n}",
+            "train.save_steps=2",
+            "lora.dropout=0.1",
+            "eval.at_end=false",
+            "eval.baselines=[]",
+        )
         cfgs[name] = tmp_path / f"{name}.yaml"
         cfgs[name].write_text(yaml.safe_dump(cfg.to_dict()))
     subprocess.run(_train_cmd(cfgs["straight"]), check=True, capture_output=True)
@@ -173,7 +183,9 @@ def test_resume_after_sigkill_equals_uninterrupted(cache_dir, tmp_path):
     partial = tmp_path / "killed" / "checkpoint-5"
     partial.mkdir(exist_ok=True)
     (partial / "adapter_model.safetensors").write_bytes(b"half")
-    result = subprocess.run(_train_cmd(cfgs["killed"], "--resume"), check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        _train_cmd(cfgs["killed"], "--resume"), check=True, capture_output=True, text=True
+    )
     assert "skipping incomplete checkpoint" in result.stdout + result.stderr
 
     a = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))
@@ -181,8 +193,14 @@ def test_resume_after_sigkill_equals_uninterrupted(cache_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    loss = lambda run: {h["step"]: h["loss"] for h in json.loads((tmp_path / run / "train_log.json").read_text())
-                        if "loss" in h}
+
+    def loss(run):
+        return {
+            h["step"]: h["loss"]
+            for h in json.loads((tmp_path / run / "train_log.json").read_text())
+            if "loss" in h
+        }
+
     la, lb = loss("straight"), loss("killed")
     assert sorted(lb) == list(range(1, n + 1))
     assert all(la[s] == lb[s] for s in range(5, n + 1))
@@ -192,8 +210,16 @@ def test_resume_after_sigkill_equals_uninterrupted(cache_dir, tmp_path):
 def test_qlora_trains_and_saves(cache_dir, tmp_path):
     from vlm_tune.train import train
 
-    run = train(tiny_cfg(cache_dir, tmp_path / "q", "train.method=qlora", "train.max_steps=2",
-                         "eval.baselines=[]", "eval.at_end=false"))
+    run = train(
+        tiny_cfg(
+            cache_dir,
+            tmp_path / "q",
+            "train.method=qlora",
+            "train.max_steps=2",
+            "eval.baselines=[]",
+            "eval.at_end=false",
+        )
+    )
     adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     cfg = json.loads((run / "final" / "adapter_config.json").read_text())

@@ -66,25 +66,36 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     ok = True
     console.print(f"[bold]vlm-tune check[/bold]  model {cfg.model.name_or_path}  data {d.source}")
     train_prepared = None
-    for split, limit in ((d.train_split, d.max_train_samples), (d.eval_split, cfg.eval.limit or d.max_eval_samples)):
+    for split, limit in (
+        (d.train_split, d.max_train_samples),
+        (d.eval_split, cfg.eval.limit or d.max_eval_samples),
+    ):
         rowset = load_split(d, split, cfg.model.cache_dir)
         # count every problem, whatever the configured policy, then judge against the policy
-        prepared = prepare_split(rowset, "skip", "skip", cfg.train.max_length, processor, collator, limit=limit)
+        prepared = prepare_split(
+            rowset, "skip", "skip", cfg.train.max_length, processor, collator, limit=limit
+        )
         console.print(f"\n[bold]{split}[/bold]: {len(rowset)} rows; {prepared.summary()}")
         for reason, example in prepared.skipped_examples.items():
             console.print(f"  {reason}: e.g. {example}")
         bad = sum(n for r, n in prepared.skipped.items() if r != "overlong")
         if bad and d.on_bad_row == "error":
             ok = False
-            console.print(f"  [red]{bad} bad row(s): training stops at the first (data.on_bad_row=error)[/red]")
+            console.print(
+                f"  [red]{bad} bad row(s): training stops at the first (data.on_bad_row=error)[/red]"
+            )
         if prepared.skipped.get("overlong") and d.on_overlong == "error":
             ok = False
-            console.print(f"  [red]{prepared.skipped['overlong']} row(s) over train.max_length={cfg.train.max_length}"
-                          " (data.on_overlong=error)[/red]")
+            console.print(
+                f"  [red]{prepared.skipped['overlong']} row(s) over train.max_length={cfg.train.max_length}"
+                " (data.on_overlong=error)[/red]"
+            )
         if prepared.tokens:
             console.print(f"  image tokens: {_dist([t['image'] for t in prepared.tokens])}")
             console.print(f"  total tokens: {_dist([t['total'] for t in prepared.tokens])}")
-            sup = sum(t["supervised"] for t in prepared.tokens) / max(sum(t["total"] for t in prepared.tokens), 1)
+            sup = sum(t["supervised"] for t in prepared.tokens) / max(
+                sum(t["total"] for t in prepared.tokens), 1
+            )
             console.print(f"  supervised fraction: {sup:.4f} (answer tokens + end of turn)")
         if split == d.train_split:
             train_prepared = prepared
@@ -101,16 +112,32 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
                     row = train_prepared.rowset.row(i)
                     b = collator([row])
                     ids = b["input_ids"][0].tolist()
-                    f.write(json.dumps({
-                        "id": row["id"], "answer": row["answers"][0], "input_ids": ids,
-                        "labels": b["labels"][0].tolist(),
-                        "text": processor.tokenizer.decode(ids, skip_special_tokens=False),
-                        "supervised_text": processor.tokenizer.decode(
-                            [t for t, lab in zip(ids, b["labels"][0].tolist(), strict=True) if lab != IGNORE_INDEX],
-                            skip_special_tokens=False),
-                    }) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "id": row["id"],
+                                "answer": row["answers"][0],
+                                "input_ids": ids,
+                                "labels": b["labels"][0].tolist(),
+                                "text": processor.tokenizer.decode(ids, skip_special_tokens=False),
+                                "supervised_text": processor.tokenizer.decode(
+                                    [
+                                        t
+                                        for t, lab in zip(ids, b["labels"][0].tolist(), strict=True)
+                                        if lab != IGNORE_INDEX
+                                    ],
+                                    skip_special_tokens=False,
+                                ),
+                            }
+                        )
+                        + "\n"
+                    )
             console.print(f"\nwrote {n} rows to {dump}")
-    console.print("\n[green]OK: training can start[/green]" if ok else "\n[red]FAIL: training would stop; see above[/red]")
+    console.print(
+        "\n[green]OK: training can start[/green]"
+        if ok
+        else "\n[red]FAIL: training would stop; see above[/red]"
+    )
     return 0 if ok else 1
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from vlm_tune.errors import UserError
@@ -36,6 +36,7 @@ def _quiet() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     except ImportError:
         pass
 
@@ -49,9 +50,6 @@ def _config(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     from vlm_tune.train import train
 
-    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
-        args.overrides.append(args.resume)  # `--resume a.b=c` means bare --resume followed by an override
-        args.resume = "latest"
     if args.resume is not None and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; use one")
     train(_config(args), resume=args.resume, overwrite=args.overwrite)
@@ -62,8 +60,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlm_tune.inference import run_eval
 
     cfg = _config(args)
-    metrics = run_eval(cfg, adapter=args.adapter, base=args.base, split=args.split, limit=args.limit, name=args.name)
-    print(json.dumps({k: metrics[k] for k in ("n", "exact_match", "relaxed_accuracy", "relaxed_accuracy_strict")}))
+    metrics = run_eval(
+        cfg, adapter=args.adapter, base=args.base, split=args.split, limit=args.limit, name=args.name
+    )
+    print(
+        json.dumps(
+            {k: metrics[k] for k in ("n", "exact_match", "relaxed_accuracy", "relaxed_accuracy_strict")}
+        )
+    )
     return 0
 
 
@@ -98,8 +102,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from vlm_tune.data.synthetic import save_synthetic
 
     path = save_synthetic(
-        args.out_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, image_size=args.image_size,
-        chart_kinds=tuple(args.chart_kinds.split(",")), question_types=tuple(args.question_types.split(",")),
+        args.out_dir,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        seed=args.seed,
+        image_size=args.image_size,
+        chart_kinds=tuple(args.chart_kinds.split(",")),
+        question_types=tuple(args.question_types.split(",")),
     )
     print(path)
     return 0
@@ -124,20 +133,30 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vlm-tune", description="Fine-tune vision-language models for chart question answering.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="vlm-tune",
+        description="Fine-tune vision-language models for chart question answering.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("config", nargs=None if required else "?", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.learning_rate=1e-4")
+        p.add_argument(
+            "overrides", nargs="*", help="section.key=value overrides, e.g. train.learning_rate=1e-4"
+        )
 
     p = sub.add_parser("train", help="train (and evaluate) from a config")
     with_config(p)
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue from the latest complete checkpoint in run.output_dir, or from PATH")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="PATH",
+        help="continue from the latest complete checkpoint in run.output_dir, or from PATH",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=cmd_train)
 
@@ -153,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="pre-flight: data, token budget and supervision, no training")
     with_config(p)
-    p.add_argument("--dump", metavar="FILE", help="write JSON lines (id, answer, input_ids, labels, text) here")
+    p.add_argument(
+        "--dump", metavar="FILE", help="write JSON lines (id, answer, input_ids, labels, text) here"
+    )
     p.add_argument("--rows", type=int, default=5, help="rows to dump (default 5)")
     p.set_defaults(func=cmd_check)
 
@@ -187,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--chart-kinds", default="bar", help="comma-separated: bar,line,pie")
-    p.add_argument("--question-types", default="count,color_max",
-                   help="comma-separated: count,color_max,color_min,label_max,label_min,compare,value")
+    p.add_argument(
+        "--question-types",
+        default="count,color_max",
+        help="comma-separated: count,color_max,color_min,label_max,label_min,compare,value",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("tiny-model", help="build the offline tiny SmolVLM-architecture model")
@@ -202,9 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+CONFIG_COMMANDS = {"train", "eval", "check", "config"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # overrides may come before or after flags: `train cfg.yaml --overwrite lora.r=16`
+    overrides: list[str] = []
+    if any(a in CONFIG_COMMANDS for a in argv[:2]):
+        overrides = [a for a in argv if OVERRIDE.match(a)]
+        argv = [a for a in argv if not OVERRIDE.match(a)]
     args = parser.parse_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + overrides
     _quiet()
     try:
         return args.func(args)

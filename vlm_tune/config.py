@@ -7,6 +7,7 @@ cross-field rules. Every problem found is reported together in one `ConfigError`
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -35,17 +36,23 @@ class Section(BaseModel):
 
 class RunSection(Section):
     name: str = Field("run", description="Run name; used in logs, the model card and the default output_dir.")
-    output_dir: str = Field("runs/run", description="Run directory: config, checkpoints, final adapter, evals.")
+    output_dir: str = Field(
+        "runs/run", description="Run directory: config, checkpoints, final adapter, evals."
+    )
     seed: int = Field(0, ge=0, description="Seed for weights init of new modules, data order and dropout.")
 
 
 class ImageSection(Section):
     longest_edge: int | None = Field(
-        None, ge=16, description="Resize images so the longest edge is this many px (processor 'size'). "
-        "Fewer px = fewer tiles = fewer image tokens: the biggest speed lever. None = model default."
+        None,
+        ge=16,
+        description="Resize images so the longest edge is this many px (processor 'size'). "
+        "Fewer px = fewer tiles = fewer image tokens: the biggest speed lever. None = model default.",
     )
     tile_size: int | None = Field(
-        None, ge=16, description="Tile edge in px (processor 'max_image_size'); must match the vision encoder."
+        None,
+        ge=16,
+        description="Tile edge in px (processor 'max_image_size'); must match the vision encoder.",
     )
     do_image_splitting: bool | None = Field(
         None, description="Split large images into tiles plus a global view. False = one tile per image."
@@ -54,7 +61,8 @@ class ImageSection(Section):
 
 class ModelSection(Section):
     name_or_path: str = Field(
-        BUILTIN_TINY, description="Hub id, local directory, or 'builtin:tiny' (offline tiny SmolVLM, built on demand)."
+        BUILTIN_TINY,
+        description="Hub id, local directory, or 'builtin:tiny' (offline tiny SmolVLM, built on demand).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -67,7 +75,9 @@ class ModelSection(Section):
         False, description="Also train the vision encoder (fully, or with LoRA if lora.targets has 'vision')."
     )
     image: ImageSection = Field(default_factory=ImageSection, description="Resolution and tiling of images.")
-    cache_dir: str = Field(".cache/vlm-tune", description="Where builtin models and synthetic data are cached.")
+    cache_dir: str = Field(
+        ".cache/vlm-tune", description="Where builtin models and synthetic data are cached."
+    )
 
 
 class SyntheticSection(Section):
@@ -75,6 +85,8 @@ class SyntheticSection(Section):
     n_test: int = Field(200, ge=1, description="Synthetic held-out rows (disjoint from train).")
     seed: int = Field(0, ge=0, description="Generator seed; same seed, same bytes.")
     image_size: int = Field(64, ge=32, description="Chart size in px.")
+    min_elements: int = Field(2, ge=2, le=8, description="Fewest bars/points/slices per chart.")
+    max_elements: int = Field(5, ge=2, le=8, description="Most bars/points/slices per chart.")
     chart_kinds: list[str] = Field(default_factory=lambda: ["bar"], description="bar, line, pie.")
     question_types: list[str] = Field(
         default_factory=lambda: ["count", "color_max"],
@@ -103,9 +115,12 @@ class DataSection(Section):
         "error", description="A row with a missing/corrupt image or empty answer: stop, or skip and count it."
     )
     on_overlong: Literal["error", "skip"] = Field(
-        "error", description="A row longer than train.max_length: stop, or skip and count it (never truncated)."
+        "error",
+        description="A row longer than train.max_length: stop, or skip and count it (never truncated).",
     )
-    synthetic: SyntheticSection = Field(default_factory=SyntheticSection, description="For source: synthetic.")
+    synthetic: SyntheticSection = Field(
+        default_factory=SyntheticSection, description="For source: synthetic."
+    )
 
 
 class PromptSection(Section):
@@ -130,7 +145,9 @@ class LoraSection(Section):
 
 
 class TrainSection(Section):
-    method: Literal["lora", "qlora", "full"] = Field("lora", description="lora, qlora (4-bit NF4 base), full.")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora, qlora (4-bit NF4 base), full."
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(8, ge=1, description="Per-device batch size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
@@ -142,8 +159,12 @@ class TrainSection(Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_length: int = Field(2048, ge=16, description="Token budget per sample; longer rows error or are skipped.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    max_length: int = Field(
+        2048, ge=16, description="Token budget per sample; longer rows error or are skipped."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations: less memory, ~30% slower."
+    )
     save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep only the last N checkpoints.")
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
@@ -154,7 +175,9 @@ class EvalSection(Section):
     batch_size: int = Field(16, ge=1, description="Generation batch size.")
     max_new_tokens: int = Field(16, ge=1, description="Generated tokens per answer.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N rows of data.eval_split.")
-    every_steps: int | None = Field(None, ge=1, description="Generate and score during training every N steps.")
+    every_steps: int | None = Field(
+        None, ge=1, description="Generate and score during training every N steps."
+    )
     subset_size: int = Field(64, ge=1, description="Rows scored during training (fixed subset).")
     best_metric: Literal["exact_match", "relaxed_accuracy"] = Field(
         "exact_match", description="Metric that picks the best checkpoint during training."
@@ -174,7 +197,8 @@ class HubSection(Section):
 
 class LoggingSection(Section):
     report_to: list[Literal["none", "wandb", "tensorboard"]] = Field(
-        default_factory=lambda: ["none"], description="Trackers: wandb (WANDB_MODE=offline works), tensorboard."
+        default_factory=lambda: ["none"],
+        description="Trackers: wandb (WANDB_MODE=offline works), tensorboard.",
     )
     wandb_project: str = Field("vlm-tune", description="W&B project name.")
     progress: bool = Field(True, description="Show a progress bar.")
@@ -217,7 +241,9 @@ def _suggest(key: str) -> str:
     """' (did you mean X?)' for the closest valid key, preferring keys in the same section."""
     valid = _valid_keys(Config)
     parent = key.rsplit(".", 1)[0] if "." in key else ""
-    same = [k for k in valid if k.rsplit(".", 1)[0] == parent] if parent else [k for k in valid if "." not in k]
+    same = (
+        [k for k in valid if k.rsplit(".", 1)[0] == parent] if parent else [k for k in valid if "." not in k]
+    )
     for pool in (same, valid):
         match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
         if match:
@@ -232,7 +258,11 @@ def _format_errors(err: ValidationError) -> list[str]:
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         # pydantic adds union member names (e.g. 'str', 'dict[str,str]') and list indices to loc
-        loc = [p for p in loc if not p.startswith(("function-", "literal[")) and p not in ("str", "dict[str,str]", "int")]
+        loc = [
+            p
+            for p in loc
+            if not p.startswith(("function-", "literal[")) and p not in ("str", "dict[str,str]", "int")
+        ]
         key = ".".join(loc)
         if e["type"] == "extra_forbidden":
             problems.append(f"{key}: unknown key{_suggest(key)}")
@@ -267,10 +297,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[s
             value = raw
         # YAML 1.1 reads 1e-4 as a string; numbers like that are meant as floats
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value) if any(c in value for c in "eE.") and value.strip() else value
-            except ValueError:
-                pass
         parsed.append((key.strip().split("."), value))
     if problems:
         raise ConfigError(problems, "overrides")
@@ -312,7 +340,11 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append("prompt.user_template: must contain {question}")
     if cfg.hub.push_on_end and not cfg.hub.repo_id:
         problems.append("hub.push_on_end: true needs hub.repo_id (ORG/NAME or a local directory)")
-    if cfg.train.method == "qlora" and cfg.model.dtype == "float16" and cfg.model.name_or_path == BUILTIN_TINY:
+    if (
+        cfg.train.method == "qlora"
+        and cfg.model.dtype == "float16"
+        and cfg.model.name_or_path == BUILTIN_TINY
+    ):
         problems.append("model.dtype: float16 QLoRA on CPU is not supported; use float32 or bfloat16")
     if cfg.train.method == "full" and cfg.lora.modules_to_save:
         problems.append("lora.modules_to_save: only used with train.method lora/qlora; remove it for full")
@@ -339,7 +371,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
         bad_q = [q for q in cfg.data.synthetic.question_types if q not in QUESTION_TYPES]
         bad_k = [k for k in cfg.data.synthetic.chart_kinds if k not in CHART_KINDS]
         if bad_q:
-            problems.append(f"data.synthetic.question_types: unknown {bad_q}; allowed: {list(QUESTION_TYPES)}")
+            problems.append(
+                f"data.synthetic.question_types: unknown {bad_q}; allowed: {list(QUESTION_TYPES)}"
+            )
         if bad_k:
             problems.append(f"data.synthetic.chart_kinds: unknown {bad_k}; allowed: {list(CHART_KINDS)}")
     if cfg.eval.every_steps and cfg.eval.every_steps % cfg.train.save_steps and cfg.eval.every_steps > 0:
@@ -349,7 +383,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def build_config(raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+def build_config(
+    raw: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = (), source: str = "config"
+) -> Config:
     """Validate a raw mapping (+ overrides) into a Config, or raise ConfigError with every problem."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):

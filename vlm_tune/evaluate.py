@@ -18,7 +18,13 @@ from typing import Any
 import torch
 
 from vlm_tune.data.collate import ChatCollator
-from vlm_tune.metrics import aggregate, clean_generation, exact_match, relaxed_accuracy, relaxed_accuracy_strict
+from vlm_tune.metrics import (
+    aggregate,
+    clean_generation,
+    exact_match,
+    relaxed_accuracy,
+    relaxed_accuracy_strict,
+)
 
 
 @torch.no_grad()
@@ -91,7 +97,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_eval(out_dir: str | Path, records: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict:
+def write_eval(
+    out_dir: str | Path, records: list[dict[str, Any]], extra: dict[str, Any] | None = None
+) -> dict:
     """predictions.jsonl + metrics.json (each written atomically); returns the metrics."""
     out_dir = Path(out_dir)
     metrics = aggregate(records)
@@ -122,9 +130,14 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     types = sorted({t for m in results.values() for t in m.get("by_type", {})})
     header = f"{'':<22}" + "".join(f"{n:>12}" for n in names)
     lines = [header, f"{'exact_match':<22}" + "".join(f"{results[n]['exact_match']:>12.3f}" for n in names)]
-    lines.append(f"{'relaxed_accuracy':<22}" + "".join(f"{results[n]['relaxed_accuracy']:>12.3f}" for n in names))
+    lines.append(
+        f"{'relaxed_accuracy':<22}" + "".join(f"{results[n]['relaxed_accuracy']:>12.3f}" for n in names)
+    )
     for t in types:
-        cells = "".join(f"{results[n].get('by_type', {}).get(t, {}).get('exact_match', float('nan')):>12.3f}" for n in names)
+        cells = "".join(
+            f"{results[n].get('by_type', {}).get(t, {}).get('exact_match', float('nan')):>12.3f}"
+            for n in names
+        )
         lines.append(f"{'  ' + t:<22}" + cells)
     lines.append(f"{'n':<22}" + "".join(f"{results[n]['n']:>12d}" for n in names))
     return "\n".join(lines)

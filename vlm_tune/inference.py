@@ -49,7 +49,9 @@ def load_for_inference(adapter: str | Path, dtype: str = "float32") -> tuple[Any
 
         base_id = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         if not Path(base_id).exists() and base_id.count("/") != 1:
-            raise UserError(f"{path}: base model {base_id!r} not found; point adapter_config.json at a local copy")
+            raise UserError(
+                f"{path}: base model {base_id!r} not found; point adapter_config.json at a local copy"
+            )
         base = AutoModelForImageTextToText.from_pretrained(base_id, dtype=DTYPES[dtype])
         model = PeftModel.from_pretrained(base, path)
     else:
@@ -70,8 +72,12 @@ def _apply_saved_image_settings(processor: Any, path: Path) -> None:
 
 
 def run_eval(
-    cfg: Config, adapter: str | None = None, base: bool = False, split: str | None = None,
-    limit: int | None = None, name: str | None = None,
+    cfg: Config,
+    adapter: str | None = None,
+    base: bool = False,
+    split: str | None = None,
+    limit: int | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """`vlm-tune eval`: score the adapter (default RUN_DIR/final) or the base model on a split."""
     from vlm_tune.data.sources import load_split, prepare_split
@@ -92,8 +98,12 @@ def run_eval(
         system, template = prompt["system"], prompt["user_template"]
     collator = ChatCollator(processor, system, template)
     split = split or cfg.data.eval_split
-    prepared = prepare_split(load_split(cfg.data, split, cfg.model.cache_dir), cfg.data.on_bad_row, "skip",
-                             limit=limit or cfg.eval.limit)
+    prepared = prepare_split(
+        load_split(cfg.data, split, cfg.model.cache_dir),
+        cfg.data.on_bad_row,
+        "skip",
+        limit=limit or cfg.eval.limit,
+    )
     rows = [prepared.rowset.row(i) for i in prepared.indices]
     preds = generate_answers(model, processor, collator, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens)
     out = run_dir / "eval" / (name or ("base" if base else "final"))
@@ -101,14 +111,21 @@ def run_eval(
 
 
 def predict(
-    model: Any, processor: Any, prompt: dict[str, Any], items: list[dict[str, Any]], max_new_tokens: int = 16,
+    model: Any,
+    processor: Any,
+    prompt: dict[str, Any],
+    items: list[dict[str, Any]],
+    max_new_tokens: int = 16,
     batch_size: int = 16,
 ) -> list[str]:
     """Answers for items of {images: [PIL], question: str}, through the saved prompt contract."""
     from vlm_tune.evaluate import generate_answers
 
     collator = ChatCollator(processor, prompt["system"], prompt["user_template"])
-    rows = [{"id": str(i), "images": it["images"], "question": it["question"], "answers": [""]} for i, it in enumerate(items)]
+    rows = [
+        {"id": str(i), "images": it["images"], "question": it["question"], "answers": [""]}
+        for i, it in enumerate(items)
+    ]
     return generate_answers(model, processor, collator, rows, batch_size, max_new_tokens)
 
 
@@ -130,9 +147,16 @@ def predict_cli(args: Any) -> int:
                 raise UserError(f"--batch {path}: line {n} is not JSON ({err})") from None
             images = obj.get("images") or obj.get("image") or obj.get("frames")
             if not images or not obj.get("question"):
-                raise UserError(f"--batch {path}: line {n} needs 'image' (or 'images'/'frames') and 'question'")
-            items.append({"images": expand_images(images, path.parent, 64, f"line {n}", "image"),
-                          "question": obj["question"], "id": obj.get("id", str(n))})
+                raise UserError(
+                    f"--batch {path}: line {n} needs 'image' (or 'images'/'frames') and 'question'"
+                )
+            items.append(
+                {
+                    "images": expand_images(images, path.parent, 64, f"line {n}", "image"),
+                    "question": obj["question"],
+                    "id": obj.get("id", str(n)),
+                }
+            )
     else:
         if not args.question:
             raise UserError("predict needs --question (or --batch FILE)")
@@ -161,7 +185,9 @@ def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Merge a LoRA adapter into its base weights; the result loads with plain transformers."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir}: no adapter_config.json; pass a LoRA adapter directory (RUN_DIR/final)")
+        raise UserError(
+            f"{adapter_dir}: no adapter_config.json; pass a LoRA adapter directory (RUN_DIR/final)"
+        )
     model, processor, _ = load_for_inference(adapter_dir)
     merged = model.merge_and_unload()
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -46,7 +46,9 @@ def resolve_model_path(cfg: Config) -> str:
             raise UserError(f"model.name_or_path: {name} is a directory without config.json")
         return name
     if name.startswith((".", "/")) or name.count("/") != 1:
-        raise UserError(f"model.name_or_path: {name!r} is neither an existing directory nor a hub id (ORG/NAME)")
+        raise UserError(
+            f"model.name_or_path: {name!r} is neither an existing directory nor a hub id (ORG/NAME)"
+        )
     _check_hub_model_available(name, cfg.model.revision)
     return name
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from transformers import set_seed
+from transformers import PrinterCallback, set_seed
 
 from vlm_tune.config import Config
 from vlm_tune.data.chat import save_prompt
@@ -47,11 +47,20 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     cache = cfg.model.cache_dir
     d = cfg.data
     train_split = prepare_split(
-        load_split(d, d.train_split, cache), d.on_bad_row, d.on_overlong, cfg.train.max_length, processor, collator,
+        load_split(d, d.train_split, cache),
+        d.on_bad_row,
+        d.on_overlong,
+        cfg.train.max_length,
+        processor,
+        collator,
         limit=d.max_train_samples,
     )
     eval_split = prepare_split(
-        load_split(d, d.eval_split, cache), d.on_bad_row, d.on_overlong, None, limit=cfg.eval.limit or d.max_eval_samples
+        load_split(d, d.eval_split, cache),
+        d.on_bad_row,
+        d.on_overlong,
+        None,
+        limit=cfg.eval.limit or d.max_eval_samples,
     )
     console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
     eval_rows = [eval_split.rowset.row(i) for i in eval_split.indices]
@@ -60,7 +69,9 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     model = load_model(model_path, cfg)
     results: dict[str, dict[str, Any]] = {}
     if "untrained" in cfg.eval.baselines and checkpoint is None:
-        results["untrained"] = _evaluate(model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained")
+        results["untrained"] = _evaluate(
+            model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained"
+        )
     if "majority" in cfg.eval.baselines and checkpoint is None:
         train_rows = [{"answers": [a], "type": t} for a, t in _answers_and_types(train_split)]
         preds = majority_answers(train_rows, eval_rows)
@@ -69,8 +80,10 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     # LoRA / QLoRA / full
     model = setup_training(model, cfg)
     trainable, total = parameter_counts(model)
-    console.print(f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "
-                  f"({100 * trainable / max(total, 1):.2f}%)")
+    console.print(
+        f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / max(total, 1):.2f}%)"
+    )
 
     # trainer
     callbacks: list[Any] = [CheckpointMarker()]
@@ -80,9 +93,18 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if cfg.eval.every_steps:
         subset = eval_rows[: cfg.eval.subset_size]
         gen_eval = GenerationEval(
-            lambda m, step: write_eval(run_dir / "eval" / "during", score(subset, generate_answers(
-                m, processor, collator, subset, cfg.eval.batch_size, cfg.eval.max_new_tokens))),
-            cfg.eval.every_steps, cfg.eval.best_metric, run_dir,
+            lambda m, step: write_eval(
+                run_dir / "eval" / "during",
+                score(
+                    subset,
+                    generate_answers(
+                        m, processor, collator, subset, cfg.eval.batch_size, cfg.eval.max_new_tokens
+                    ),
+                ),
+            ),
+            cfg.eval.every_steps,
+            cfg.eval.best_metric,
+            run_dir,
         )
         callbacks.append(gen_eval)
     trainer = VlmTrainer(
@@ -93,6 +115,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         processing_class=processor,
         callbacks=callbacks,
     )
+    if cfg.logging.progress:
+        trainer.remove_callback(PrinterCallback)  # the progress bar shows the same numbers
 
     # train
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -107,24 +131,35 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
 
     # eval
     if cfg.eval.at_end and trainer.is_world_process_zero():
-        results["final"] = _evaluate(trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final")
+        results["final"] = _evaluate(
+            trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final"
+        )
         for name in ("untrained", "majority"):
             if name not in results and (run_dir / "eval" / name / "metrics.json").is_file():
                 results[name] = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
         ordered = {k: results[k] for k in ("untrained", "majority", "final") if k in results}
-        console.print("[vlm-tune] held-out evaluation (" + cfg.data.eval_split + "):\n" + comparison_table(ordered))
+        console.print(
+            "[vlm-tune] held-out evaluation (" + cfg.data.eval_split + "):\n" + comparison_table(ordered)
+        )
         base = "untrained" if "untrained" in results else ("majority" if "majority" in results else None)
         if base:
             from vlm_tune.report import write_report
 
             images = {r["id"]: r["images"][0] for r in eval_rows}
-            write_report(run_dir / "report.html", run_dir / "eval" / base, run_dir / "eval" / "final",
-                         images=images.get, title=f"{cfg.run.name}: {base} vs final")
+            write_report(
+                run_dir / "report.html",
+                run_dir / "eval" / base,
+                run_dir / "eval" / "final",
+                images=images.get,
+                title=f"{cfg.run.name}: {base} vs final",
+            )
 
     if cfg.hub.push_on_end and trainer.is_world_process_zero():
         from vlm_tune.hub import push
 
-        console.print(f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}")
+        console.print(
+            f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}"
+        )
     console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
     return run_dir
 
@@ -142,7 +177,9 @@ def save_final(model: Any, processor: Any, cfg: Config, final_dir: Path) -> None
     os.replace(tmp, final_dir)
 
 
-def _evaluate(model: Any, processor: Any, collator: ChatCollator, rows: list[dict], cfg: Config, out: Path) -> dict:
+def _evaluate(
+    model: Any, processor: Any, collator: ChatCollator, rows: list[dict], cfg: Config, out: Path
+) -> dict:
     preds = generate_answers(model, processor, collator, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens)
     return write_eval(out, score(rows, preds))
 
@@ -159,8 +196,12 @@ def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:
     out = []
     for i in prepared.indices:
         raw = table[i]
-        out.append((normalize_answers(raw[cols["answer"]], str(i), cols["answer"])[0],
-                    str(raw[cols["type"]]) if cols.get("type") else "all"))
+        out.append(
+            (
+                normalize_answers(raw[cols["answer"]], str(i), cols["answer"])[0],
+                str(raw[cols["type"]]) if cols.get("type") else "all",
+            )
+        )
     return out
 
 

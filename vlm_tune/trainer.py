@@ -19,8 +19,15 @@ from vlm_tune.errors import UserError
 COMPLETE_MARKER = "checkpoint_complete.json"
 # keys that may change between a run and its resume; anything else makes the checkpoint incompatible
 RESUMABLE_CHANGES = {
-    ("train", "max_steps"), ("train", "epochs"), ("train", "save_steps"), ("train", "save_total_limit"),
-    ("train", "logging_steps"), ("train", "dataloader_num_workers"), ("eval",), ("hub",), ("logging",),
+    ("train", "max_steps"),
+    ("train", "epochs"),
+    ("train", "save_steps"),
+    ("train", "save_total_limit"),
+    ("train", "logging_steps"),
+    ("train", "dataloader_num_workers"),
+    ("eval",),
+    ("hub",),
+    ("logging",),
 }
 
 
@@ -51,7 +58,9 @@ def prepare_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[P
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoints whose writing finished (marker present), oldest first."""
     found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted((p for p in found if (p / COMPLETE_MARKER).is_file()), key=lambda p: int(p.name.split("-")[-1]))
+    return sorted(
+        (p for p in found if (p / COMPLETE_MARKER).is_file()), key=lambda p: int(p.name.split("-")[-1])
+    )
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path:
@@ -61,7 +70,9 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
         if not path.is_dir():
             raise UserError(f"--resume {path}: no such checkpoint directory")
         if not (path / COMPLETE_MARKER).is_file():
-            raise UserError(f"--resume {path}: checkpoint is incomplete (its writing was interrupted); pick another")
+            raise UserError(
+                f"--resume {path}: checkpoint is incomplete (its writing was interrupted); pick another"
+            )
         return path
     if not run_dir.is_dir():
         raise UserError(f"--resume: {run_dir} does not exist; start the run without --resume")
@@ -111,7 +122,9 @@ class VlmTrainer(Trainer):
         self._sup = self._tok = 0
         self._t0 = time.perf_counter()
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
         labels = inputs.get("labels")
         if labels is not None:
             self._sup += int((labels != -100).sum())
@@ -151,11 +164,17 @@ class RichProgress(TrainerCallback):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(), transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, info=""
+        )
         self.t0, self.step0 = time.perf_counter(), state.global_step
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -167,7 +186,8 @@ class RichProgress(TrainerCallback):
             return
         rate = (state.global_step - self.step0) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
         self.progress.update(
-            self.task, info=f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  {rate:.1f} samples/s"
+            self.task,
+            info=f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  {rate:.1f} samples/s",
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -188,10 +208,15 @@ class GenerationEval(TrainerCallback):
         if state.global_step % self.every:
             return
         metrics = self.run_eval(model, state.global_step)
-        entry = {"step": state.global_step, "exact_match": metrics["exact_match"],
-                 "relaxed_accuracy": metrics["relaxed_accuracy"]}
+        entry = {
+            "step": state.global_step,
+            "exact_match": metrics["exact_match"],
+            "relaxed_accuracy": metrics["relaxed_accuracy"],
+        }
         self.history.append(entry)
-        state.log_history.append({f"eval_{k}": v for k, v in entry.items() if k != "step"} | {"step": state.global_step})
+        state.log_history.append(
+            {f"eval_{k}": v for k, v in entry.items() if k != "step"} | {"step": state.global_step}
+        )
         if self.best is None or entry[self.metric] > self.best[0]:
             self.best = (entry[self.metric], state.global_step)
             state.best_metric = entry[self.metric]
@@ -200,9 +225,19 @@ class GenerationEval(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.best is not None and state.is_world_process_zero:
-            (self.run_dir / "best_checkpoint.json").write_text(json.dumps({
-                "metric": self.metric, "value": self.best[0], "step": self.best[1],
-                "checkpoint": f"checkpoint-{self.best[1]}", "history": self.history}, indent=2) + "\n")
+            (self.run_dir / "best_checkpoint.json").write_text(
+                json.dumps(
+                    {
+                        "metric": self.metric,
+                        "value": self.best[0],
+                        "step": self.best[1],
+                        "checkpoint": f"checkpoint-{self.best[1]}",
+                        "history": self.history,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
 
 
 def training_arguments(cfg: Config, run_dir: Path) -> Any:
@@ -268,7 +303,11 @@ def plot_history(log_history: list[dict[str, Any]], plots_dir: Path) -> list[Pat
         fig.savefig(plots_dir / "loss.png", dpi=100)
         plt.close(fig)
         written.append(plots_dir / "loss.png")
-    evals = [(h["step"], h["eval_exact_match"], h["eval_relaxed_accuracy"]) for h in log_history if "eval_exact_match" in h]
+    evals = [
+        (h["step"], h["eval_exact_match"], h["eval_relaxed_accuracy"])
+        for h in log_history
+        if "eval_exact_match" in h
+    ]
     if evals:
         steps, em, ra = zip(*evals, strict=True)
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -110,7 +110,8 @@ class ChatCollator:
             ends = [r["span"][1] for r in replacements[b]]
             gained = [0] + [r["new_span"][1] - r["span"][1] for r in replacements[b]]
             shifted = [
-                (s + gained[bisect.bisect_right(ends, s)], e + gained[bisect.bisect_right(ends, e)]) for s, e in spans
+                (s + gained[bisect.bisect_right(ends, s)], e + gained[bisect.bisect_right(ends, e)])
+                for s, e in spans
             ]
             mask = enc["attention_mask"][b].bool()
             for start, end in shifted:
@@ -133,7 +134,10 @@ class ChatCollator:
     def generation_batch(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Prompt-only batch, left-padded for generation; the prompt is the same one training used."""
         texts = [
-            self.render(build_messages(r, self.system, self.user_template, with_answer=False), add_generation_prompt=True)
+            self.render(
+                build_messages(r, self.system, self.user_template, with_answer=False),
+                add_generation_prompt=True,
+            )
             for r in rows
         ]
         enc = self._encode(texts, [list(r["images"]) for r in rows], padding_side="left")
@@ -155,9 +159,7 @@ def count_tokens(processor: Any, collator: ChatCollator, row: dict[str, Any]) ->
         image_tokens = int(sum(counts))
     placeholder = getattr(processor, "image_token", "<image>")
     n_placeholders = text.count(placeholder)
-    supervised = sum(
-        1 for (s, e) in enc["offset_mapping"] for (a, b) in spans if e > s and s >= a and e <= b
-    )
+    supervised = sum(1 for (s, e) in enc["offset_mapping"] for (a, b) in spans if e > s and s >= a and e <= b)
     return {
         "total": len(enc["input_ids"]) - n_placeholders + image_tokens,
         "image": image_tokens,

@@ -78,13 +78,17 @@ def open_image(value: Any, base_dir: Path | None, row_id: str, column: str) -> I
         elif value is None:
             raise BadRow("missing_image", row_id, column, "image is empty (None)")
         else:
-            raise BadRow("missing_image", row_id, column, f"cannot read an image from a {type(value).__name__}")
+            raise BadRow(
+                "missing_image", row_id, column, f"cannot read an image from a {type(value).__name__}"
+            )
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         image.load()
     except BadRow:
         raise
     except Exception as err:  # PIL raises many types for broken files
-        raise BadRow("corrupt_image", row_id, column, f"image cannot be decoded ({type(err).__name__}: {err})") from None
+        raise BadRow(
+            "corrupt_image", row_id, column, f"image cannot be decoded ({type(err).__name__}: {err})"
+        ) from None
     if image.width == 0 or image.height == 0:
         raise BadRow("empty_image", row_id, column, "image has zero size")
     return to_rgb(image)
@@ -104,8 +108,10 @@ def video_frames(path: Path, max_frames: int, row_id: str, column: str) -> list[
         import av  # type: ignore[import-not-found]
     except ImportError:
         raise BadRow(
-            "video_decoder_missing", row_id, column, f"{path.name} is a video; install PyAV (`pip install av`) "
-            "or give a folder of frames"
+            "video_decoder_missing",
+            row_id,
+            column,
+            f"{path.name} is a video; install PyAV (`pip install av`) or give a folder of frames",
         ) from None
     try:
         with av.open(str(path)) as container:
@@ -117,7 +123,9 @@ def video_frames(path: Path, max_frames: int, row_id: str, column: str) -> list[
     return [to_rgb(f) for f in sample_frames(frames, max_frames)]
 
 
-def expand_images(value: Any, base_dir: Path | None, max_frames: int, row_id: str, column: str) -> list[Image.Image]:
+def expand_images(
+    value: Any, base_dir: Path | None, max_frames: int, row_id: str, column: str
+) -> list[Image.Image]:
     """An images cell → ordered RGB images. Lists stay in order; a folder is a video as sorted frames."""
     if isinstance(value, (list, tuple)):
         if not value:
@@ -177,14 +185,18 @@ def normalize_messages(value: Any, row_id: str, column: str) -> list[dict[str, A
     out = []
     for m in value:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise BadRow("bad_messages", row_id, column, f"bad message {m!r}; role must be system/user/assistant")
+            raise BadRow(
+                "bad_messages", row_id, column, f"bad message {m!r}; role must be system/user/assistant"
+            )
         content = m.get("content")
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         parts = []
         for p in content or []:
             kind = p.get("type")
-            parts.append({"type": "image"} if kind == "image" else {"type": "text", "text": p.get("text") or ""})
+            parts.append(
+                {"type": "image"} if kind == "image" else {"type": "text", "text": p.get("text") or ""}
+            )
         out.append({"role": m["role"], "content": parts})
     if out[-1]["role"] != "assistant" or not _text_of(out[-1]).strip():
         raise BadRow("bad_answer", row_id, column, "the last message must be an assistant turn with text")
@@ -238,10 +250,17 @@ class RowSet:
             messages = normalize_messages(raw.get(cols["messages"]), rid, cols["messages"])
             out["messages"] = messages
             n_slots = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
-            images = expand_images(raw.get(image_col), self.base_dir, self.max_frames, rid, image_col) if n_slots else []
+            images = (
+                expand_images(raw.get(image_col), self.base_dir, self.max_frames, rid, image_col)
+                if n_slots
+                else []
+            )
             if len(images) != n_slots:
                 raise BadRow(
-                    "image_count_mismatch", rid, image_col, f"messages have {n_slots} image slots but {len(images)} images"
+                    "image_count_mismatch",
+                    rid,
+                    image_col,
+                    f"messages have {n_slots} image slots but {len(images)} images",
                 )
             out["images"] = images
             users = [m for m in messages if m["role"] == "user"]
@@ -251,14 +270,18 @@ class RowSet:
             out["images"] = expand_images(raw.get(image_col), self.base_dir, self.max_frames, rid, image_col)
             question = raw.get(cols["question"])
             if not isinstance(question, str) or not question.strip():
-                raise BadRow("bad_question", rid, cols["question"], f"question is {question!r}; expected text")
+                raise BadRow(
+                    "bad_question", rid, cols["question"], f"question is {question!r}; expected text"
+                )
             out["question"] = question.strip()
             out["answers"] = normalize_answers(raw.get(cols["answer"]), rid, cols["answer"])
         split_val = raw.get(cols["split"]) if "split" in cols else None
         if cols.get("split") == "human_or_machine":
             split_val = {0: "human", 1: "augmented", "machine": "augmented"}.get(split_val, split_val)
         out["split"] = str(split_val) if split_val is not None else self.name
-        out["type"] = str(raw[cols["type"]]) if "type" in cols and raw.get(cols["type"]) is not None else "all"
+        out["type"] = (
+            str(raw[cols["type"]]) if "type" in cols and raw.get(cols["type"]) is not None else "all"
+        )
         return out
 
 
@@ -304,14 +327,16 @@ def load_split(data_cfg: Any, split: str, cache_dir: str | Path, seed: int = 0) 
 
         s = data_cfg.synthetic
         path = ensure_synthetic(
-            Path(cache_dir) / f"synthetic-{s.seed}-{s.image_size}-{s.n_train}-{s.n_test}-"
-            f"{'_'.join(s.chart_kinds)}-{'_'.join(s.question_types)}",
+            Path(cache_dir) / f"synthetic-{s.seed}-{s.image_size}-{s.n_train}-{s.n_test}-{s.min_elements}-"
+            f"{s.max_elements}-{'_'.join(s.chart_kinds)}-{'_'.join(s.question_types)}",
             n_train=s.n_train,
             n_test=s.n_test,
             seed=s.seed,
             image_size=s.image_size,
             chart_kinds=tuple(s.chart_kinds),
             question_types=tuple(s.question_types),
+            min_elements=s.min_elements,
+            max_elements=s.max_elements,
         )
         dd = datasets.load_from_disk(str(path))
         ds = _pick_split(dd, split, source)

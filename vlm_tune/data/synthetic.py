@@ -8,8 +8,8 @@ the tool can treat a saved synthetic dataset exactly like the real one.
 
 Drawing details that matter to a model:
 
-* White RGB background, no anti-aliasing; elements are large and use distinct saturated colours from
-  :data:`PALETTE`. Values are distinct integers 1..10, so the largest and the smallest element are unique.
+* White RGB background; shapes are drawn without anti-aliasing (printed text is anti-aliased). Elements
+  are large and use distinct saturated colours from :data:`PALETTE`. Values are distinct integers 1..10, so the largest and the smallest element are unique.
 * Element labels are capital letters ``A, B, C, ...`` in drawing order (bars and points left to right,
   pie slices clockwise from 12 o'clock). They are printed under bars / beside slices / under points only
   when ``image_size >= 128``; at smaller sizes they are implied by order alone.
@@ -108,7 +108,9 @@ def _check_choices(name: str, values: Any, allowed: tuple[str, ...]) -> tuple[st
         if v not in allowed:
             raise UserError(f"{name} contains unknown value {v!r}; allowed values are {list(allowed)}.")
     if len(set(out)) != len(out):
-        raise UserError(f"{name} lists a value twice ({list(out)}); list each of {list(allowed)} at most once.")
+        raise UserError(
+            f"{name} lists a value twice ({list(out)}); list each of {list(allowed)} at most once."
+        )
     return out
 
 
@@ -136,7 +138,9 @@ def _normalize_params(
     )
     kinds = _check_choices("chart_kinds", chart_kinds, CHART_KINDS)
     qtypes = _check_choices("question_types", question_types, QUESTION_TYPES)
-    hint = f"Use 2 <= min_elements <= max_elements <= {len(PALETTE)} (the palette has {len(PALETTE)} colours)."
+    hint = (
+        f"Use 2 <= min_elements <= max_elements <= {len(PALETTE)} (the palette has {len(PALETTE)} colours)."
+    )
     _check_int("min_elements", min_elements, 2, len(PALETTE), hint)
     _check_int("max_elements", max_elements, 2, len(PALETTE), hint)
     if min_elements > max_elements:
@@ -160,7 +164,9 @@ def _value_of(table: dict, label: str) -> int:
     try:
         return table["values"][table["labels"].index(label)]
     except ValueError:
-        raise UserError(f"table refers to element {label!r}, which is not in labels {table['labels']}.") from None
+        raise UserError(
+            f"table refers to element {label!r}, which is not in labels {table['labels']}."
+        ) from None
 
 
 def derive_answer(table: dict, qtype: str) -> str:
@@ -264,7 +270,7 @@ def _render(table: dict) -> bytes:
         draw.line((left, bottom, right - 1, bottom), fill=_AXIS_RGB, width=max(1, size // 128))
         if table["kind"] == "bar":
             bar_w = max(2, round(slot * 0.72))
-            for i, (v, rgb) in enumerate(zip(values, rgbs)):
+            for i, (v, rgb) in enumerate(zip(values, rgbs, strict=True)):
                 cx = left + slot * (i + 0.5)
                 x0 = round(cx - bar_w / 2)
                 y0 = bottom - round(plot_h * v / MAX_VALUE)
@@ -281,7 +287,7 @@ def _render(table: dict) -> bytes:
                 for i, v in enumerate(values)
             ]
             draw.line(pts, fill=_LINE_RGB, width=max(1, size // 64))
-            for i, ((x, y), rgb) in enumerate(zip(pts, rgbs)):
+            for i, ((x, y), rgb) in enumerate(zip(pts, rgbs, strict=True)):
                 draw.ellipse((x - r, y - r, x + r, y + r), fill=rgb)
                 if labels[i] in printed:
                     _draw_text(draw, x, y - r - gap - text_h / 2, str(printed[labels[i]]), font)
@@ -297,7 +303,7 @@ def _render(table: dict) -> bytes:
         total = sum(values)
         start = -90.0
         mids = []
-        for v, rgb in zip(values, rgbs):
+        for v, rgb in zip(values, rgbs, strict=True):
             end = start + 360.0 * v / total
             draw.pieslice(box, start, end, fill=rgb)
             mids.append(math.radians((start + end) / 2))
@@ -305,7 +311,9 @@ def _render(table: dict) -> bytes:
         for i, a in enumerate(mids):
             if labels[i] in printed:
                 rr = radius * 0.6
-                _draw_text(draw, c + rr * math.cos(a), c + rr * math.sin(a), str(printed[labels[i]]), font, True)
+                _draw_text(
+                    draw, c + rr * math.cos(a), c + rr * math.sin(a), str(printed[labels[i]]), font, True
+                )
             if show_labels:
                 rr = radius + 2 + text_h * 0.6
                 _draw_text(draw, c + rr * math.cos(a), c + rr * math.sin(a), labels[i], font)
@@ -477,7 +485,9 @@ def save_synthetic(
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
-            raise UserError(f"{out} exists and is not a directory; choose another out_dir for the synthetic data.")
+            raise UserError(
+                f"{out} exists and is not a directory; choose another out_dir for the synthetic data."
+            )
         if any(out.iterdir()) and not (out / PARAMS_FILE).is_file():
             raise UserError(
                 f"{out} is not empty and does not hold a synthetic dataset ({PARAMS_FILE} is missing); "
@@ -493,7 +503,9 @@ def save_synthetic(
         for child in (tmp / "data").iterdir():
             child.rename(tmp / child.name)
         (tmp / "data").rmdir()
-        (tmp / PARAMS_FILE).write_text(json.dumps(_params_record(p), indent=2, sort_keys=True) + "\n", "utf-8")
+        (tmp / PARAMS_FILE).write_text(
+            json.dumps(_params_record(p), indent=2, sort_keys=True) + "\n", "utf-8"
+        )
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             old.rmdir()

@@ -1,0 +1,239 @@
+"""Offline tiny SmolVLM (Idefics3) model, tokenizer and processor, deterministic per seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TINY_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{{ message['role'] | capitalize }}"
+    "{% if parts and parts[0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "{{ '<end_of_utterance>' }}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<image>",
+    "<fake_token_around_image>",
+    "<global-img>",
+] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+
+
+@dataclass
+class TinySpec:
+    vision_hidden: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_image_size: int = 32
+    patch_size: int = 8
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    scale_factor: int = 2
+    image_longest_edge: int = 64
+    tile_size: int = 32
+    do_image_splitting: bool = True
+    vocab_size: int = 800
+
+
+def _corpus() -> list[str]:
+    colors = [
+        "red",
+        "green",
+        "blue",
+        "orange",
+        "purple",
+        "yellow",
+        "brown",
+        "pink",
+        "gray",
+        "black",
+        "cyan",
+        "white",
+    ]
+    words = [
+        "how",
+        "many",
+        "bars",
+        "points",
+        "slices",
+        "are",
+        "there",
+        "in",
+        "the",
+        "chart",
+        "which",
+        "what",
+        "color",
+        "colour",
+        "label",
+        "has",
+        "largest",
+        "smallest",
+        "highest",
+        "lowest",
+        "value",
+        "of",
+        "is",
+        "greater",
+        "than",
+        "less",
+        "answer",
+        "with",
+        "a",
+        "single",
+        "word",
+        "or",
+        "number",
+        "question",
+        "phrase",
+        "yes",
+        "no",
+        "bar",
+        "line",
+        "pie",
+        "tallest",
+        "shortest",
+        "biggest",
+        "the",
+        "of",
+        "System",
+        "User",
+        "Assistant",
+        "Answer",
+        "briefly",
+        "using",
+    ]
+    lines = [" ".join(words), " ".join(colors), " ".join(w.capitalize() for w in words)]
+    lines += [f"{n} {n}.{n % 10} {n}% ${n} -{n}" for n in range(0, 101)]
+    lines += [f"What color is the {w} bar? {c}" for w in ("tallest", "shortest") for c in colors]
+    lines += [f"How many {k} are there? {n}" for k in ("bars", "points", "slices") for n in range(1, 10)]
+    lines += [f"Is {a} greater than {b}? Yes No" for a in "ABCDEFGH" for b in "ABCDEFGH"]
+    lines += [f"Which label has the {w} value? {a}" for w in ("largest", "smallest") for a in "ABCDEFGHIJ"]
+    lines += ["Answer with a single word or number.", "Answer the question using a single word or phrase."]
+    lines += [" ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), " ".join("abcdefghijklmnopqrstuvwxyz")]
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 800):
+    """A byte-level BPE trained on chart-QA vocabulary, with the Idefics3 special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sorted(_corpus()), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        padding_side="right",
+    )
+
+
+def _image_processor(spec: TinySpec):
+    try:
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil as IP
+    except ImportError:  # older transformers
+        from transformers import Idefics3ImageProcessor as IP
+    return IP(
+        size={"longest_edge": spec.image_longest_edge},
+        max_image_size={"longest_edge": spec.tile_size},
+        do_image_splitting=spec.do_image_splitting,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
+    """Build and save the tiny model + processor in out_dir (atomically); returns out_dir."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    spec = spec or TinySpec()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(spec.vocab_size)
+    image_seq_len = (spec.vision_image_size // spec.patch_size) ** 2 // spec.scale_factor**2
+    processor = Idefics3Processor(
+        image_processor=_image_processor(spec),
+        tokenizer=tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<|endoftext|>", "<end_of_utterance>")}
+    config = Idefics3Config(
+        vision_config={
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_hidden * 2,
+            "num_hidden_layers": spec.vision_layers,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": spec.vision_image_size,
+            "patch_size": spec.patch_size,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": spec.text_hidden,
+            "intermediate_size": spec.text_intermediate,
+            "num_hidden_layers": spec.text_layers,
+            "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_kv_heads,
+            "max_position_embeddings": 2048,
+            "pad_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<end_of_utterance>"],
+            "bos_token_id": None,
+            "tie_word_embeddings": False,
+        },
+        scale_factor=spec.scale_factor,
+        image_token_id=ids["<image>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = None
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "tiny_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
+    """out_dir if it holds a complete build for this seed and spec, else build it there."""
+    out_dir = Path(out_dir)
+    marker = out_dir / "tiny_spec.json"
+    want = {"seed": seed, **asdict(spec or TinySpec())}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return out_dir
+    return build_tiny_model(out_dir, seed, spec)
