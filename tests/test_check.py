@@ -39,7 +39,7 @@ def test_check_good_data_and_dump(tmp_path, cache_dir, capsys):
     assert main(["check", str(cfg), "--dump", str(dump), "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert "OK: training can start" in out
-    assert "image tokens: min 20" in out and "supervised fraction" in out
+    assert "image tokens: min 34, median 34" in out and "supervised fraction" in out
     assert "[[ 0<end_of_utterance>]]" in out  # the rendered sample marks the supervised span
     lines = [json.loads(x) for x in dump.read_text().splitlines()]
     assert [x["id"] for x in lines] == ["r0", "r1", "r2"]
@@ -60,7 +60,7 @@ def test_check_broken_data_fails_and_counts(tmp_path, cache_dir, capsys):
 
 def test_check_overlong_rows(tmp_path, cache_dir, capsys):
     path = dataset(tmp_path)
-    Image.new("RGB", (16, 16), (0, 0, 200)).save(tmp_path / "small.png")  # one tile: 4 image tokens, not 20
+    Image.new("RGB", (64, 16), (0, 0, 200)).save(tmp_path / "small.png")  # 2 tiles + global, not 4 + global
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     for r in rows:
         r["image"] = "small.png" if r["id"] == "r0" else r["image"]

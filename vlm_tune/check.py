@@ -75,7 +75,7 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
         prepared = prepare_split(
             rowset, "skip", "skip", cfg.train.max_length, processor, collator, limit=limit
         )
-        console.print(f"\n[bold]{split}[/bold]: {len(rowset)} rows; {prepared.summary()}")
+        console.print(f"\n[bold]{split}[/bold]: {len(rowset)} rows in the source; {prepared.summary()}")
         for reason, example in prepared.skipped_examples.items():
             console.print(f"  {reason}: e.g. {example}")
         bad = sum(n for r, n in prepared.skipped.items() if r != "overlong")
@@ -104,7 +104,7 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
         sample = [train_prepared.rowset.row(train_prepared.indices[0])]
         batch = collator(sample)
         console.print("\n[bold]one training sample[/bold] (supervised span in [[ ]]):")
-        console.print(render_supervision(processor, batch), markup=False, highlight=False)
+        console.print(render_supervision(processor, batch), markup=False, highlight=False, soft_wrap=True)
         if dump:
             n = min(rows, len(train_prepared.indices))
             with Path(dump).open("w") as f:

@@ -33,6 +33,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.data")
     try:
+        import datasets
+
+        datasets.disable_progress_bars()
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -48,18 +51,19 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)  # config mistakes are reported before the heavy imports
     from vlm_tune.train import train
 
     if args.resume is not None and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; use one")
-    train(_config(args), resume=args.resume, overwrite=args.overwrite)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from vlm_tune.inference import run_eval
 
-    cfg = _config(args)
     metrics = run_eval(
         cfg, adapter=args.adapter, base=args.base, split=args.split, limit=args.limit, name=args.name
     )
@@ -72,9 +76,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _config(args)
     from vlm_tune.check import run_check
 
-    return run_check(_config(args), dump=args.dump, rows=args.rows)
+    return run_check(cfg, dump=args.dump, rows=args.rows)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import PartialState
 from rich.console import Console
 from transformers import PrinterCallback, set_seed
 
@@ -23,6 +25,7 @@ from vlm_tune.trainer import (
     GenerationEval,
     RichProgress,
     VlmTrainer,
+    find_checkpoint,
     plot_history,
     prepare_run_dir,
     training_arguments,
@@ -34,7 +37,14 @@ console = Console(stderr=True)
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run one training job described by cfg; returns the run directory."""
     t_start = time.perf_counter()
-    run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)  # config.yaml written before step 0
+    state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun/accelerate's
+    with state.main_process_first():  # the main process creates RUN_DIR and writes config.yaml first
+        if state.is_main_process:
+            run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)  # config.yaml written before step 0
+        else:
+            run_dir = Path(cfg.run.output_dir)
+            checkpoint = str(find_checkpoint(run_dir, resume)) if resume else None
+    is_main = state.is_main_process
     set_seed(cfg.run.seed)
     _setup_trackers(cfg, run_dir)
 
@@ -68,11 +78,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     # baselines, scored before any training
     model = load_model(model_path, cfg)
     results: dict[str, dict[str, Any]] = {}
-    if "untrained" in cfg.eval.baselines and checkpoint is None:
+    if "untrained" in cfg.eval.baselines and checkpoint is None and is_main:
         results["untrained"] = _evaluate(
             model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained"
         )
-    if "majority" in cfg.eval.baselines and checkpoint is None:
+    if "majority" in cfg.eval.baselines and checkpoint is None and is_main:
         train_rows = [{"answers": [a], "type": t} for a, t in _answers_and_types(train_split)]
         preds = majority_answers(train_rows, eval_rows)
         results["majority"] = write_eval(run_dir / "eval" / "majority", score(eval_rows, preds))

@@ -417,6 +417,7 @@ def prepare_split(
     processor: Any = None,
     collator: Any = None,
     limit: int | None = None,
+    require_rows: bool = True,
 ) -> PreparedSplit:
     """Decode and check every row once (bad images, answers, token budget) before any training step."""
     from vlm_tune.data.collate import count_tokens
@@ -446,7 +447,7 @@ def prepare_split(
                 continue
             prepared.tokens.append(counts)
         prepared.indices.append(i)
-    if not prepared.indices:
+    if require_rows and not prepared.indices:
         raise UserError(f"{rowset.name}: no usable rows ({prepared.summary()})")
     return prepared
 
