@@ -141,3 +141,19 @@ def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
     assert yaml.safe_load("a: 1") == {"a": 1}
+
+
+ACCELERATE = sorted((Path(__file__).parent.parent / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])
+def test_accelerate_configs_load_and_name_their_command(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 2
+    assert "-m vlm_tune.cli train configs/" in path.read_text().split("\n\n")[0]
+
+
+def test_accelerate_configs_cover_fsdp_and_deepspeed():
+    assert {p.stem.split("-")[0] for p in ACCELERATE} >= {"fsdp", "deepspeed"}

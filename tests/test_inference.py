@@ -112,3 +112,39 @@ def test_predict_user_errors(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "--image" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_uncached_model_id_offline_fails_at_once_naming_it(monkeypatch):
+    import time
+
+    from vlm_tune.config import build_config
+    from vlm_tune.errors import UserError
+    from vlm_tune.model import resolve_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = build_config({"model": {"name_or_path": "nobody-xyz/no-such-model"}})
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"'nobody-xyz/no-such-model' is not in the local cache.*model.name_or_path"):
+        resolve_model_path(cfg)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_train_eval_predict_share_one_prompt(processor):
+    """The same row gives the same prompt in train (answer stripped), eval and predict."""
+    from PIL import Image
+
+    from vlm_tune.data.chat import build_messages
+    from vlm_tune.data.collate import ChatCollator
+
+    row = {"id": "x", "images": [Image.new("RGB", (64, 64))], "question": "How many bars?", "answers": ["3"]}
+    system, template = "Sys.", "{question}\nAnswer briefly."
+    train_msgs = build_messages(row, system, template, with_answer=True)
+    eval_msgs = build_messages(row, system, template, with_answer=False)
+    assert train_msgs[:-1] == eval_msgs and train_msgs[-1]["role"] == "assistant"
+    collator = ChatCollator(processor, system, template)
+    eval_ids = collator.generation_batch([row])["input_ids"]
+    # predict builds its rows from (images, question) only, with no answer
+    predict_row = {"id": "0", "images": row["images"], "question": row["question"], "answers": [""]}
+    assert torch.equal(collator.generation_batch([predict_row])["input_ids"], eval_ids)
+    text = processor.tokenizer.decode(eval_ids[0])
+    assert text.startswith("<|im_start|>System: Sys.") and text.endswith("Answer briefly.<end_of_utterance>\nAssistant:")
