@@ -124,7 +124,9 @@ def test_uncached_model_id_offline_fails_at_once_naming_it(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = build_config({"model": {"name_or_path": "nobody-xyz/no-such-model"}})
     t0 = time.perf_counter()
-    with pytest.raises(UserError, match=r"'nobody-xyz/no-such-model' is not in the local cache.*model.name_or_path"):
+    with pytest.raises(
+        UserError, match=r"'nobody-xyz/no-such-model' is not in the local cache.*model.name_or_path"
+    ):
         resolve_model_path(cfg)
     assert time.perf_counter() - t0 < 5
 
@@ -147,4 +149,6 @@ def test_train_eval_predict_share_one_prompt(processor):
     predict_row = {"id": "0", "images": row["images"], "question": row["question"], "answers": [""]}
     assert torch.equal(collator.generation_batch([predict_row])["input_ids"], eval_ids)
     text = processor.tokenizer.decode(eval_ids[0])
-    assert text.startswith("<|im_start|>System: Sys.") and text.endswith("Answer briefly.<end_of_utterance>\nAssistant:")
+    assert text.startswith("<|im_start|>System: Sys.") and text.endswith(
+        "Answer briefly.<end_of_utterance>\nAssistant:"
+    )
