@@ -15,6 +15,20 @@ MESSAGES = [
 ]
 
 
+def small_spec() -> TinySpec:
+    """A smaller model than the default, so building several stays fast."""
+    return TinySpec(
+        vision_hidden=16,
+        vision_layers=1,
+        vision_heads=2,
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_kv_heads=1,
+        text_intermediate=64,
+    )
+
+
 def test_reload_through_auto_classes_forward_backward(tiny_dir):
     processor = AutoProcessor.from_pretrained(tiny_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
@@ -67,16 +81,7 @@ def test_generate_runs_and_stops_on_end_token(tiny_dir, processor):
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path):
-    spec = TinySpec(
-        vision_hidden=16,
-        vision_layers=1,
-        vision_heads=2,
-        text_hidden=32,
-        text_layers=1,
-        text_heads=2,
-        text_kv_heads=1,
-        text_intermediate=64,
-    )
+    spec = small_spec()
     a = build_tiny_model(tmp_path / "a", seed=1, spec=spec)
     b = build_tiny_model(tmp_path / "b", seed=1, spec=spec)
     c = build_tiny_model(tmp_path / "c", seed=2, spec=spec)
@@ -89,16 +94,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
 
 
 def test_ensure_is_cached_and_rebuilds_on_spec_change(tmp_path):
-    spec = TinySpec(
-        vision_hidden=16,
-        vision_layers=1,
-        vision_heads=2,
-        text_hidden=32,
-        text_layers=1,
-        text_heads=2,
-        text_kv_heads=1,
-        text_intermediate=64,
-    )
+    spec = small_spec()
     path = ensure_tiny_model(tmp_path / "m", spec=spec)
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_model(tmp_path / "m", spec=spec) == path

@@ -247,3 +247,11 @@ def test_parameter_counts_per_method(tiny_dir):
     assert trainable == sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
     m, _ = counts("lora.targets=[vision]")
     assert all("vision_model" in n for n in lora_module_names(m))
+
+
+@pytest.mark.slow
+def test_supervised_fraction_logged(lora_run):
+    log = json.loads((lora_run / "train_log.json").read_text())
+    fractions = [h["supervised_fraction"] for h in log if "supervised_fraction" in h]
+    assert len(fractions) == 4  # every logged step
+    assert all(0 < f < 0.1 for f in fractions)  # answers are a few tokens of ~60
