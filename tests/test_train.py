@@ -255,3 +255,43 @@ def test_supervised_fraction_logged(lora_run):
     fractions = [h["supervised_fraction"] for h in log if "supervised_fraction" in h]
     assert len(fractions) == 4  # every logged step
     assert all(0 < f < 0.1 for f in fractions)  # answers are a few tokens of ~60
+
+
+@pytest.mark.slow
+def test_quickstart_config_smoke(cache_dir, tmp_path):
+    """configs/quickstart.yaml itself, shrunk: the exact run-directory file set and all three evals."""
+    from vlm_tune.config import load_config
+    from vlm_tune.train import train
+
+    cfg = load_config(
+        "configs/quickstart.yaml",
+        [
+            f"run.output_dir={tmp_path / 'qs'}",
+            f"model.cache_dir={cache_dir}",
+            "data.synthetic.n_train=32",
+            "data.synthetic.n_test=8",
+            "train.max_steps=3",
+            "train.save_steps=3",
+            "train.logging_steps=1",
+            "logging.progress=false",
+        ],
+    )
+    run = train(cfg)
+    files = files_under(run)
+    assert {f for f in files if not f.startswith(("final/", "checkpoint-3/"))} == {
+        "config.yaml",
+        "train_log.json",
+        "plots/loss.png",
+        "report.html",
+        *(
+            f"eval/{n}/{f}"
+            for n in ("untrained", "majority", "final")
+            for f in ("metrics.json", "predictions.jsonl")
+        ),
+    }
+    adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
+    assert any("vision_model" in k for k in adapter), "the random tiny vision tower is trained and saved"
+    assert any("lm_head" in k for k in adapter)
+    for name in ("untrained", "majority", "final"):
+        m = json.loads((run / "eval" / name / "metrics.json").read_text())
+        assert set(m["by_type"]) == {"count", "color_max"} and 0 <= m["exact_match"] <= 1
