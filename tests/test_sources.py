@@ -176,3 +176,22 @@ def test_unknown_hub_dataset_offline_names_it_and_the_fix(tmp_path):
     cfg = build_config({"data": {"source": "nobody-xyz/no-such-dataset"}}).data
     with pytest.raises(UserError, match="nobody-xyz/no-such-dataset.*save_to_disk"):
         load_split(cfg, "train", tmp_path)
+
+
+def test_video_file_without_decoder_names_the_fix(tmp_path, monkeypatch):
+    import builtins
+
+    from vlm_tune.data.sources import expand_images
+
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    real_import = builtins.__import__
+
+    def no_av(name, *args, **kwargs):
+        if name == "av":
+            raise ImportError("no av")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    with pytest.raises(BadRow, match="install PyAV") as info:
+        expand_images("clip.mp4", tmp_path, 8, "v1", "frames")
+    assert info.value.reason == "video_decoder_missing" and "row v1" in str(info.value)
