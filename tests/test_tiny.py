@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vlm_tune.errors import UserError
 from vlm_tune.tiny import TinySpec, build_tiny_model, ensure_tiny_model
 
 MESSAGES = [
@@ -103,3 +105,29 @@ def test_ensure_is_cached_and_rebuilds_on_spec_change(tmp_path):
     ensure_tiny_model(tmp_path / "m", spec=spec)
     assert json.loads((path / "tiny_spec.json").read_text())["text_hidden"] == 48
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp dirs left behind"
+
+
+def test_build_refuses_to_replace_a_foreign_directory_or_file(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        ensure_tiny_model(foreign, spec=small_spec())
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(UserError):
+        build_tiny_model(a_file, spec=small_spec())
+    assert a_file.read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (build_tiny_model(empty, spec=small_spec()) / "tiny_spec.json").is_file()
+
+
+def test_build_leaves_the_global_torch_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    build_tiny_model(tmp_path / "m", seed=0, spec=small_spec())
+    assert torch.equal(torch.rand(4), expected)

@@ -9,6 +9,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vlm_tune.errors import UserError
+
 TINY_CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}"
     "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
@@ -174,6 +176,11 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
 
     spec = spec or TinySpec()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
+        raise UserError(
+            f"{out_dir} exists and is not an empty directory or an earlier tiny-model build "
+            "(no tiny_spec.json); refusing to overwrite it. Choose a new or empty directory."
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size)
     image_seq_len = (spec.vision_image_size // spec.patch_size) ** 2 // spec.scale_factor**2
@@ -212,8 +219,11 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    # Seed a forked RNG so the caller's global torch RNG (e.g. a run seed set before the model is
+    # resolved, later used for LoRA init) is the same whether or not the tiny model was cached.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<end_of_utterance>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = None
@@ -227,6 +237,11 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _replaceable(out_dir: Path) -> bool:
+    """An existing out_dir may be replaced only if it is empty or an earlier tiny build."""
+    return (out_dir / "tiny_spec.json").is_file() or not any(out_dir.iterdir())
 
 
 def ensure_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None = None) -> Path:
