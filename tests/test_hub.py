@@ -655,3 +655,13 @@ finally:
     api.delete_repo(repo, missing_ok=True)
 """
     run_py(code, env)
+
+
+@pytest.fixture(scope="module")
+def lora_run(lora_run, tmp_path_factory):
+    """A copy of the shared trained run: pushes write RUN_DIR/README.md, which other tests must not see."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("hubrun") / "run"
+    shutil.copytree(lora_run, copy)
+    return copy
