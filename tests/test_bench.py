@@ -1,0 +1,132 @@
+"""Benchmark support: the published SmolVLM shapes (config and meta device only) and the two bench scripts."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES_EXPECTED = [
+    # name, image tokens per tile, nominal size, exact count with the published vocab
+    ("smolvlm-256m", 64, 256e6, 256_484_928),
+    ("smolvlm-2.2b", 81, 2.2e9, 2_246_272_880),
+]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("name", "seq_len", "nominal", "exact"), SHAPES_EXPECTED)
+def test_shape_config_gives_published_image_seq_len(name, seq_len, nominal, exact):
+    from vlm_tune.shapes import SHAPES, config_image_seq_len, shape_config
+
+    config = shape_config(name)
+    assert config_image_seq_len(config) == seq_len == SHAPES[name].image_seq_len
+    assert config.text_config.vocab_size == SHAPES[name].vocab_size  # published vocab, not the tokenizer's
+
+
+@pytest.mark.parametrize(("name", "seq_len", "nominal", "exact"), SHAPES_EXPECTED)
+def test_parameter_count_on_meta_matches_published_size(name, seq_len, nominal, exact):
+    from vlm_tune.shapes import TOKENIZER_VOCAB, parameter_count, vocab_difference
+
+    counts = parameter_count(name)
+    assert counts["total"] == exact
+    assert abs(counts["total"] - nominal) / nominal < 0.10
+    # the embedding + untied lm_head sized to our tokenizer instead would lose exactly vocab_difference
+    small = parameter_count(name, vocab_size=TOKENIZER_VOCAB)
+    assert counts["total"] - small["total"] == vocab_difference(name)
+    assert counts["embeddings"] == counts["lm_head"]  # untied, as published
+
+
+@pytest.mark.parametrize(
+    ("name", "image_px", "tokens"), [("smolvlm-256m", 512, 17 * 64), ("smolvlm-2.2b", 384, 17 * 81)]
+)
+def test_shape_processor_tiles_like_the_real_one(name, image_px, tokens):
+    from PIL import Image
+
+    from vlm_tune.shapes import shape_processor
+
+    processor = shape_processor(name)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bars?"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    enc = processor(
+        text=[text], images=[[Image.new("RGB", (image_px, image_px), "white")]], return_tensors="pt"
+    )
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    # default resolution: the chart is upscaled to longest_edge, cut into 4x4 tiles, plus one global view
+    assert int((enc["input_ids"] == image_id).sum()) == tokens
+    assert enc["pixel_values"].shape[1] == 17
+
+
+def test_flop_model_matches_parameter_counts():
+    from vlm_tune.shapes import parameter_count, shape_config
+
+    bench = _script("bench_gpu")
+    fp = bench.flop_params(shape_config("smolvlm-256m"))
+    counts = parameter_count("smolvlm-256m")
+    assert fp["N_c"] == counts["connector"]
+    assert abs(fp["N_v"] - counts["vision"]) / counts["vision"] < 0.02  # minus position embeddings, norms
+    assert abs(fp["N_d"] - counts["text"] - counts["lm_head"]) / fp["N_d"] < 0.01
+    stats = {"rows": 1, "tiles": 17, "lengths": [1150], "supervised": 2}
+    frozen, in_graph = bench.step_flops(fp, stats, False), bench.step_flops(fp, stats, True)
+    assert 1.5 < in_graph / frozen < 2.5  # the vision tower dominates at the default resolution
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_on_cpu_with_the_tiny_shape(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_gpu.py", "--shape", "tiny", "--steps", "2", "--device", "cpu"]
+        + ["--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    by_variant = {r["variant"]: r for r in report["results"]}
+    assert by_variant["default"]["samples_per_s"] > 0
+    assert by_variant["default"]["vision_output_requires_grad"] is False  # frozen tower: no autograd graph
+    assert by_variant["vision_lora"]["vision_output_requires_grad"] is True
+    assert by_variant["gc_text_only"]["vision_output_requires_grad"] is False
+    assert by_variant["one_tile"]["tokens_per_sample"] < by_variant["default"]["tokens_per_sample"]
+    assert "needs CUDA" in by_variant["qlora"]["skipped"]
+    assert by_variant["e2e_w0"]["samples_per_s"] > 0
+    assert not [r for r in report["results"] if "error" in r]
+    assert "| tiny | default |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_compares_both_arms(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_train.py", "--steps", "3", "--warmup", "1", "--repeats", "1"]
+        + ["--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"vlm-tune/baseline samples/s ratio: \d+\.\d\d", lines[-1])
+    blob = json.loads(next(x for x in lines if x.startswith("JSON: "))[len("JSON: ") :])
+    ours, base = blob["results"]["vlm-tune"], blob["results"]["baseline"]
+    assert ours["trainable_params"] == base["trainable_params"]  # same LoRA config
+    masking = base["masking"]
+    assert masking["same_input_ids_as_vlm_tune"]
+    assert masking["answer_tokens_also_supervised_by_baseline"]
+    assert masking["answer_share_of_baseline_supervision"] < 0.5  # the baseline mostly trains on the prompt
+    assert 1 <= ours["supervised_tokens_per_sample"] <= 4  # answer + <end_of_utterance> only
+    assert base["supervised_tokens_per_sample"] > 5 * ours["supervised_tokens_per_sample"]
