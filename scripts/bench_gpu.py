@@ -13,14 +13,18 @@ no gradient checkpointing):
 
   default       resolution as the model ships it (256M: 512-px chart → 2048 px → 4×4 tiles + global view)
   one_tile      longest_edge = tile, do_image_splitting False: 1 tile (64 / 81 image tokens per chart)
-  gc_on         gradient checkpointing (non-reentrant), enabled the way the Trainer does it. transformers'
-                `enable_input_require_grads` (called by it) hooks every sub-model's input embeddings, the vision
-                tower's patch embeddings included, so the frozen tower joins the autograd graph
-  gc_text_only  gc_on, then `disable_input_require_grads()` (non-reentrant checkpointing does not need
-                inputs that require grad): the frozen vision tower stays out of the graph
+  gc_on         gradient checkpointing as vlm-tune enables it (`vlm_tune.model.enable_gradient_checkpointing`:
+                non-reentrant, without input-grad hooks): the frozen vision tower stays out of the graph
+  gc_hf_hooks   gradient checkpointing enabled the way transformers' Trainer does it: its
+                `enable_input_require_grads` hooks every sub-model's input embeddings, the vision tower's patch
+                embeddings included, so the frozen tower joins the autograd graph (what vlm-tune avoids)
+  full_logits   train.supervised_logits_only false: vocabulary logits at every position (as the model's own
+                loss does) instead of only where the next token is supervised
   vision_lora   LoRA also on the vision tower, so the tower is in the autograd graph (vs frozen: no graph)
   qlora         4-bit NF4 base (bitsandbytes; CUDA only)
   eager_attn    attn_implementation eager instead of sdpa
+  mixed_random  charts of mixed aspect ratio (so rows differ in tiles and tokens), batched in random order
+  mixed_grouped the same rows batched by length (`vlm_tune.trainer.LengthGroupedSampler`); compare the two
   e2e_wN        the real `VlmTrainer` path (collator in a DataLoader, N workers): includes image preprocessing
 
 Variants other than e2e_* time the model only: a few batches are collated once (the time that takes is
@@ -33,12 +37,13 @@ is recorded with its error and the run goes on. Variants that would not fit in -
 Model FLOPs per step (MFU = model FLOPs / s / measured bf16 matmul peak; GC recompute is not counted):
   vision tower   F_v = 2·N_v·patches + 4·L_v·d_v·P²·tiles (N_v: matmul params incl. patch embedding,
                  P: patches per tile). Out of the autograd graph: forward only. In the graph (vision_lora,
-                 gc_on; read from a hook on the tower's output): matmuls 2·F (forward + activation grads),
+                 gc_hf_hooks; read from a hook on the tower's output): matmuls 2·F (forward + activation grads),
                  attention 3·F.
   connector      F_c = 2·N_c·image_tokens; 1·F frozen-vision (its input needs no grad), 2·F otherwise.
-  decoder        F_d = 2·(N_layers + N_lm_head)·T + 4·L·d_attn·Σ len_b²: matmuls 2·F_d (base weights are
-                 frozen, so backward computes activation grads only = 4·N·T in all, not 6·N·T), attention
-                 3·F. LoRA weight grads (<1 %) are ignored. T = non-pad tokens (image tokens included).
+  decoder        F_d = 2·N_layers·T + 2·N_lm_head·T_head + 4·L·d_attn·Σ len_b²: matmuls 2·F_d (base weights
+                 are frozen, so backward computes activation grads only = 4·N·T in all, not 6·N·T), attention
+                 3·F. LoRA weight grads (<1 %) are ignored. T = non-pad tokens (image tokens included);
+                 T_head = supervised tokens (logits only there, the default) or T (full_logits).
 The matmul peak is measured here: bf16 8192³ matmuls (TFLOP/s), float32 2048³ on CPU.
 """
 
@@ -63,9 +68,12 @@ VARIANTS = (
     "default",
     "one_tile",
     "gc_on",
-    "gc_text_only",
+    "gc_hf_hooks",
+    "full_logits",
     "qlora",
     "vision_lora",
+    "mixed_random",
+    "mixed_grouped",
     "e2e_wN",
     "e2e_w0",
     "eager_attn",
@@ -74,7 +82,7 @@ VARIANTS = (
 FIRST_VARIANT_S = {"tiny": 10, "smolvlm-256m": 60, "smolvlm-2.2b": 150}
 FLOPS_FORMULA = (
     "vision 2*N_v*patches + 4*L_v*d_v*P^2*tiles (x1 frozen, matmul x2 / attention x3 in the graph); "
-    "connector 2*N_c*image_tokens (x1 frozen vision, x2 otherwise); decoder matmul 2*(N_layers+N_lm_head)*T x2 "
+    "connector 2*N_c*image_tokens (x1 frozen vision, x2 otherwise); decoder matmul 2*(N_layers*T+N_head*T_head) x2 "
     "(forward + activation grads; frozen base weights) + attention 4*L*d*sum(len^2) x3"
 )
 
@@ -154,7 +162,8 @@ def flop_params(config: Any) -> dict[str, Any]:
         "P": patches,
         "N_c": dv * s * s * dt,
         "tokens_per_tile": patches // (s * s),
-        "N_d": t.num_hidden_layers * layer + t.vocab_size * dt,
+        "N_d": t.num_hidden_layers * layer,
+        "N_head": t.vocab_size * dt,
         "L": t.num_hidden_layers,
         "d_attn": t.num_attention_heads * hd,
     }
@@ -174,13 +183,13 @@ def batch_stats(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def step_flops(fp: dict[str, Any], st: dict[str, Any], vision_in_graph: bool) -> float:
+def step_flops(fp: dict[str, Any], st: dict[str, Any], vision_in_graph: bool, head_tokens: int) -> float:
     """Model FLOPs of one training step on this batch (formula in the module docstring)."""
     f_v = 2 * fp["N_v"] * fp["P"] * st["tiles"] + 4 * fp["L_v"] * fp["d_v"] * fp["P"] ** 2 * st["tiles"]
     f_v_matmul = 2 * fp["N_v"] * fp["P"] * st["tiles"]
     f_c = 2 * fp["N_c"] * fp["tokens_per_tile"] * st["tiles"]
     tokens = sum(st["lengths"])
-    f_d_matmul = 2 * fp["N_d"] * tokens
+    f_d_matmul = 2 * fp["N_d"] * tokens + 2 * fp["N_head"] * head_tokens
     f_d_attn = 4 * fp["L"] * fp["d_attn"] * sum(n * n for n in st["lengths"])
     if vision_in_graph:
         vision = 2 * f_v_matmul + 3 * (f_v - f_v_matmul) + 2 * f_c
@@ -200,7 +209,10 @@ def variant_overrides(name: str, shape: Any) -> dict[str, Any]:
         "default": {},
         "one_tile": {"image": one_tile},
         "gc_on": {"gradient_checkpointing": True},
-        "gc_text_only": {"gradient_checkpointing": True, "no_input_grad_hooks": True},
+        "gc_hf_hooks": {"gradient_checkpointing": True, "hf_hooks": True},
+        "full_logits": {"supervised_logits_only": False},
+        "mixed_random": {"mixed": "random"},
+        "mixed_grouped": {"mixed": "grouped"},
         "vision_lora": {"lora_targets": ["decoder", "projector", "vision"]},
         "qlora": {"method": "qlora"},
         "e2e_w0": {"workers": 0},
@@ -236,6 +248,7 @@ def make_cfg(
                 "save_steps": args.warmup + args.steps + 1,
                 "max_length": 8192,
                 "gradient_checkpointing": ov.get("gradient_checkpointing", False),
+                "supervised_logits_only": ov.get("supervised_logits_only", True),
                 "dataloader_num_workers": ov.get("workers") or 0,
             },
             "logging": {"progress": False},
@@ -255,14 +268,38 @@ def _vision_hook(model: Any) -> tuple[dict[str, Any], Any]:
     return seen, vision.register_forward_hook(hook)
 
 
-def collate_batches(cfg: Any, model_dir: str, rows: list[dict], n_batches: int) -> tuple[list, float, Any]:
-    """Collate n_batches on CPU (one process); returns batches, CPU samples/s, processor."""
-    from vlm_tune.data.collate import ChatCollator
+def mixed_aspect(rows: list[dict]) -> list[dict]:
+    """The same charts squeezed to widths 1, 3/4, 1/2, 1/4 of their height in turn (rows differ in tiles)."""
+    out = []
+    for i, row in enumerate(rows):
+        img = row["images"][0]
+        w = max(16, img.height * (4 - i % 4) // 4)
+        out.append({**row, "images": [img.resize((w, img.height))]})
+    return out
+
+
+def collate_batches(
+    cfg: Any, model_dir: str, rows: list[dict], n_batches: int, order: str | None = None
+) -> tuple[list, float, Any]:
+    """Collate n_batches on CPU (one process); returns batches, CPU samples/s, processor.
+
+    order: None (rows as given), "random" (a seeded shuffle) or "grouped" (LengthGroupedSampler order).
+    """
+    from vlm_tune.data.collate import ChatCollator, count_tokens
     from vlm_tune.model import load_processor
+    from vlm_tune.trainer import LengthGroupedSampler
 
     processor = load_processor(model_dir, cfg)
     collator = ChatCollator(processor, cfg.prompt.system, cfg.prompt.user_template)
     bs = cfg.train.batch_size
+    rows = rows[: n_batches * bs]
+    if order == "grouped":
+        lengths = [count_tokens(processor, collator, r)["total"] for r in rows]
+        rows = [rows[i] for i in LengthGroupedSampler(lengths, bs, seed=0)]
+    elif order == "random":
+        import random
+
+        rows = random.Random(0).sample(rows, len(rows))
     t = time.perf_counter()
     batches = [collator(rows[i * bs : (i + 1) * bs]) for i in range(n_batches)]
     return batches, n_batches * bs / (time.perf_counter() - t), processor
@@ -275,28 +312,29 @@ def run_model_only(
     device: str,
     args: argparse.Namespace,
     fp: dict[str, Any],
-    no_input_grad_hooks: bool = False,
+    hf_hooks: bool = False,
 ) -> dict[str, Any]:
     """warmup + steps optimizer steps on pre-collated batches: the model's own throughput."""
     import torch
 
-    from vlm_tune.model import load_model, parameter_counts, setup_training
+    from vlm_tune.model import enable_gradient_checkpointing, load_model, parameter_counts, setup_training
+    from vlm_tune.trainer import supervised_loss
 
     model = setup_training(load_model(model_dir, cfg), cfg)
     quantized = cfg.train.method == "qlora"
     if not quantized:
         model.to(device)
-    if cfg.train.gradient_checkpointing:
-        # as the Trainer does it (transformers 5: activation_checkpointing_enable, non-reentrant in vlm-tune)
+    if cfg.train.gradient_checkpointing and hf_hooks:
+        # as transformers' Trainer does it: non-reentrant, but with input-grad hooks on every sub-model
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        if no_input_grad_hooks:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.disable_input_require_grads()
+    elif cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    supervised_only = cfg.train.supervised_logits_only
     model.train()
     trainable, total = parameter_counts(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -324,7 +362,7 @@ def run_model_only(
             t0 = time.perf_counter()
         i = step % len(on_device)
         with autocast:
-            loss = model(**on_device[i]).loss
+            loss = supervised_loss(model, on_device[i])[0] if supervised_only else model(**on_device[i]).loss
         loss.backward()
         if step == 0:
             vision_in_graph = seen.get("vision_output_requires_grad", False)
@@ -334,7 +372,8 @@ def run_model_only(
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step >= args.warmup:
-            flops += step_flops(fp, stats[i], vision_in_graph)
+            head_tokens = stats[i]["supervised"] if supervised_only else sum(stats[i]["lengths"])
+            flops += step_flops(fp, stats[i], vision_in_graph, head_tokens)
             tokens += sum(stats[i]["lengths"])
             sup += stats[i]["supervised"]
         losses.append(loss.detach())
@@ -366,7 +405,7 @@ def run_e2e(cfg: Any, model_dir: str, device: str, args: argparse.Namespace) -> 
 
     from vlm_tune.data.collate import ChatCollator
     from vlm_tune.data.sources import RowDataset, load_split, prepare_split
-    from vlm_tune.model import load_model, load_processor, setup_training
+    from vlm_tune.model import enable_gradient_checkpointing, load_model, load_processor, setup_training
     from vlm_tune.trainer import VlmTrainer, training_arguments
 
     class Timer(TrainerCallback):
@@ -383,6 +422,8 @@ def run_e2e(cfg: Any, model_dir: str, device: str, args: argparse.Namespace) -> 
         load_split(cfg.data, "train", cfg.model.cache_dir), "error", "error", None, processor, collator
     )
     model = setup_training(load_model(model_dir, cfg), cfg)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-e2e-") as tmp:
         targs = training_arguments(cfg, Path(tmp))
         targs.save_strategy = "no"
@@ -394,6 +435,7 @@ def run_e2e(cfg: Any, model_dir: str, device: str, args: argparse.Namespace) -> 
             data_collator=collator,
             processing_class=processor,
             callbacks=[timer],
+            supervised_logits_only=cfg.train.supervised_logits_only,
         )
         from transformers import PrinterCallback
 
@@ -499,19 +541,20 @@ def bench_shape(
             if vname.startswith("e2e_"):
                 record.update(run_e2e(cfg, model_dir, device, args))
             else:
-                key = json.dumps(cfg.model.image.model_dump(), sort_keys=True)
+                key = json.dumps([cfg.model.image.model_dump(), ov.get("mixed")], sort_keys=True)
                 if key not in collated:
-                    batches, rate, _ = collate_batches(cfg, model_dir, rows, n_batches)
+                    src = mixed_aspect(rows) if ov.get("mixed") else rows
+                    batches, rate, _ = collate_batches(cfg, model_dir, src, n_batches, ov.get("mixed"))
                     collated[key] = (batches, rate)
                 batches, rate = collated[key]
                 record["collate_samples_per_s_1proc"] = rate
                 st = [batch_stats(b) for b in batches]
                 record["tiles_per_sample"] = sum(s["tiles"] for s in st) / sum(s["rows"] for s in st)
                 record["tokens_per_sample"] = sum(sum(s["lengths"]) for s in st) / sum(s["rows"] for s in st)
+                padded = sum(s["rows"] * max(s["lengths"]) for s in st)
+                record["padding_fraction"] = 1 - sum(sum(s["lengths"]) for s in st) / padded
                 record.update(
-                    run_model_only(
-                        cfg, model_dir, batches, device, args, fp, bool(ov.get("no_input_grad_hooks"))
-                    )
+                    run_model_only(cfg, model_dir, batches, device, args, fp, bool(ov.get("hf_hooks")))
                 )
                 if peak:
                     record["mfu"] = record["model_tflops_per_s"] / peak
@@ -538,22 +581,41 @@ def bench_shape(
     return results
 
 
+def lever_ratio(record: dict[str, Any], results: list[dict[str, Any]]) -> float | None:
+    """samples/s over the reference variant of the same shape: mixed_random for mixed_grouped, else default."""
+    ref_name = "mixed_random" if record["variant"] == "mixed_grouped" else "default"
+    ref = next(
+        (
+            r
+            for r in results
+            if r["shape"] == record["shape"] and r["variant"] == ref_name and "samples_per_s" in r
+        ),
+        None,
+    )
+    if ref is None or "samples_per_s" not in record:
+        return None
+    return record["samples_per_s"] / ref["samples_per_s"]
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     lines = [
-        "| shape | variant | samples/s | tokens/s | supervised tok/s | tokens/sample | peak GB | TFLOP/s | MFU | "
-        "CPU collate samples/s (1 proc) | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | variant | samples/s | × ref | tokens/s | supervised tok/s | tokens/sample | padding | peak GB "
+        "| TFLOP/s | MFU | CPU collate samples/s (1 proc) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        ratio = lever_ratio(r, results)
         note = r.get("skipped") or r.get("error") or ""
         if "vision_output_requires_grad" in r:
             note = (note + " " if note else "") + f"vision in graph: {r['vision_output_requires_grad']}"
         lines.append(
-            f"| {r['shape']} | {r['variant']} | {f(r.get('samples_per_s'), '.2f')} | {f(r.get('tokens_per_s'), '.0f')} "
+            f"| {r['shape']} | {r['variant']} | {f(r.get('samples_per_s'), '.2f')} | {f(ratio, '.2f')} "
+            f"| {f(r.get('tokens_per_s'), '.0f')} "
             f"| {f(r.get('supervised_tokens_per_s'), '.1f')} | {f(r.get('tokens_per_sample'), '.0f')} "
+            f"| {f(r.get('padding_fraction'), '.1%')} "
             f"| {f(r.get('peak_mem_gb'), '.1f')} | {f(r.get('model_tflops_per_s'), '.3g')} "
             f"| {f(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f')}{'%' if r.get('mfu') else ''} "
             f"| {f(r.get('collate_samples_per_s_1proc'), '.1f')} | {note} |"

@@ -77,10 +77,13 @@ def test_flop_model_matches_parameter_counts():
     counts = parameter_count("smolvlm-256m")
     assert fp["N_c"] == counts["connector"]
     assert abs(fp["N_v"] - counts["vision"]) / counts["vision"] < 0.02  # minus position embeddings, norms
-    assert abs(fp["N_d"] - counts["text"] - counts["lm_head"]) / fp["N_d"] < 0.01
+    assert fp["N_head"] == counts["lm_head"]
+    assert abs(fp["N_d"] - counts["text"]) / fp["N_d"] < 0.01  # minus norms
     stats = {"rows": 1, "tiles": 17, "lengths": [1150], "supervised": 2}
-    frozen, in_graph = bench.step_flops(fp, stats, False), bench.step_flops(fp, stats, True)
+    frozen, in_graph = bench.step_flops(fp, stats, False, 2), bench.step_flops(fp, stats, True, 2)
     assert 1.5 < in_graph / frozen < 2.5  # the vision tower dominates at the default resolution
+    full_logits = bench.step_flops(fp, stats, False, 1150)
+    assert full_logits - frozen == 4 * fp["N_head"] * 1148  # forward + activation grads of the head
 
 
 @pytest.mark.slow
@@ -100,7 +103,14 @@ def test_bench_gpu_runs_on_cpu_with_the_tiny_shape(tmp_path):
     assert by_variant["default"]["samples_per_s"] > 0
     assert by_variant["default"]["vision_output_requires_grad"] is False  # frozen tower: no autograd graph
     assert by_variant["vision_lora"]["vision_output_requires_grad"] is True
-    assert by_variant["gc_text_only"]["vision_output_requires_grad"] is False
+    assert by_variant["gc_on"]["vision_output_requires_grad"] is False  # vlm-tune's checkpointing
+    assert by_variant["gc_hf_hooks"]["vision_output_requires_grad"] is True  # transformers' hooks
+    assert (
+        by_variant["mixed_grouped"]["padding_fraction"] < by_variant["mixed_random"]["padding_fraction"] / 2
+    )
+    assert (
+        by_variant["full_logits"]["model_tflop_per_sample"] > by_variant["default"]["model_tflop_per_sample"]
+    )
     assert by_variant["one_tile"]["tokens_per_sample"] < by_variant["default"]["tokens_per_sample"]
     assert "needs CUDA" in by_variant["qlora"]["skipped"]
     assert by_variant["e2e_w0"]["samples_per_s"] > 0

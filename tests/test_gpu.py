@@ -21,6 +21,7 @@ def test_bf16_lora_trains_on_cuda(cache_dir, tmp_path):
 
 
 def test_qlora_trains_on_cuda(cache_dir, tmp_path):
+    """The shipped 2.2B recipe's combination: 4-bit base + checkpointing + length grouping."""
     from vlm_tune.train import train
 
     run = train(
@@ -28,6 +29,8 @@ def test_qlora_trains_on_cuda(cache_dir, tmp_path):
             cache_dir,
             tmp_path / "q",
             "train.method=qlora",
+            "train.gradient_checkpointing=true",
+            "train.group_by_length=true",
             "model.dtype=bfloat16",
             "eval.baselines=[]",
             "eval.at_end=false",

@@ -163,12 +163,22 @@ class TrainSection(Section):
         2048, ge=16, description="Token budget per sample; longer rows error or are skipped."
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations: less memory, ~30% slower."
+        False,
+        description="Recompute decoder activations: less memory, one more forward pass (frozen vision stays out).",
+    )
+    supervised_logits_only: bool = Field(
+        True,
+        description="Project to the vocabulary only where the next token is supervised: same loss, less memory.",
+    )
+    group_by_length: bool = Field(
+        False, description="Batch rows of similar token count (less padding when images differ in tiles)."
     )
     save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep only the last N checkpoints.")
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
-    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes for image loading.")
+    dataloader_num_workers: int = Field(
+        0, ge=0, description="Worker processes that decode and preprocess images off the training loop."
+    )
 
 
 class EvalSection(Section):

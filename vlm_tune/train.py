@@ -19,7 +19,14 @@ from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import ChatCollator
 from vlm_tune.data.sources import RowDataset, load_split, prepare_split
 from vlm_tune.evaluate import comparison_table, generate_answers, majority_answers, score, write_eval
-from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
+from vlm_tune.model import (
+    enable_gradient_checkpointing,
+    load_model,
+    load_processor,
+    parameter_counts,
+    resolve_model_path,
+    setup_training,
+)
 from vlm_tune.trainer import (
     CheckpointMarker,
     GenerationEval,
@@ -89,6 +96,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
 
     # LoRA / QLoRA / full
     model = setup_training(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable, total = parameter_counts(model)
     console.print(
         f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "
@@ -124,6 +133,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         data_collator=collator,
         processing_class=processor,
         callbacks=callbacks,
+        supervised_logits_only=cfg.train.supervised_logits_only,
+        group_lengths=[c["total"] for c in train_split.tokens] if cfg.train.group_by_length else None,
     )
     if cfg.logging.progress:
         trainer.remove_callback(PrinterCallback)  # the progress bar shows the same numbers
