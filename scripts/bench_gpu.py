@@ -3,6 +3,7 @@
     python scripts/bench_gpu.py [--shape smolvlm-256m,smolvlm-2.2b] [--steps 10] [--warmup 3] [--batch-size 8]
                                 [--time-budget 420] [--cache-dir .cache/vlm-tune] [--out bench_gpu.json]
     python scripts/bench_gpu.py --shape tiny --steps 2        # CPU smoke run (a minute)
+    python scripts/bench_gpu.py --shape tiny --isolate        # CPU, one process per variant: peak RSS each
 
 No network: the models are built locally by `vlm_tune.shapes` (cached under --cache-dir/shapes/NAME), the
 data is synthetic charts at the tile size (512 px for 256M, 384 px for 2.2B, 64 px for tiny).
@@ -31,7 +32,8 @@ Variants other than e2e_* time the model only: a few batches are collated once (
 reported as "CPU collate samples/s", one process), moved to the device, and replayed for warmup + steps
 optimizer steps (AdamW, grad clipping 1.0, like the Trainer). Peak memory is
 torch.cuda.max_memory_allocated over the steps: weights, optimizer state, activations and the (few hundred
-MB of) pre-collated batches. A variant that fails (e.g. out of memory)
+MB of) pre-collated batches. On CPU, --isolate runs each variant in its own process and reports that
+process's peak RSS (model, optimizer, activations, libraries). A variant that fails (e.g. out of memory)
 is recorded with its error and the run goes on. Variants that would not fit in --time-budget are skipped.
 
 Model FLOPs per step (MFU = model FLOPs / s / measured bf16 matmul peak; GC recompute is not counted):
@@ -567,6 +569,10 @@ def bench_shape(
             if device == "cuda":
                 torch.cuda.empty_cache()
         record["wall_s"] = time.perf_counter() - t_var
+        if args.child:  # one variant per process: the process's peak RSS is this variant's
+            import resource
+
+            record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if vname == "default" and "error" not in record:
             default_wall = record["wall_s"]
             default_rate = record.get("collate_samples_per_s_1proc")
@@ -616,11 +622,50 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"| {f(r.get('tokens_per_s'), '.0f')} "
             f"| {f(r.get('supervised_tokens_per_s'), '.1f')} | {f(r.get('tokens_per_sample'), '.0f')} "
             f"| {f(r.get('padding_fraction'), '.1%')} "
-            f"| {f(r.get('peak_mem_gb'), '.1f')} | {f(r.get('model_tflops_per_s'), '.3g')} "
+            f"| {f(r.get('peak_mem_gb') or r.get('peak_rss_gb'), '.2f')} | {f(r.get('model_tflops_per_s'), '.3g')} "
             f"| {f(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f')}{'%' if r.get('mfu') else ''} "
             f"| {f(r.get('collate_samples_per_s_1proc'), '.1f')} | {note} |"
         )
     return "\n".join(lines)
+
+
+def isolated(shape: str, args: argparse.Namespace, clock: Clock, peak: float) -> list[dict[str, Any]]:
+    """Run each variant of one shape in a child process of this script; returns their records."""
+    import subprocess
+
+    records = []
+    for variant in args.variants:
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-child-") as tmp:
+            out = Path(tmp) / "child.json"
+            cmd = [sys.executable, __file__, "--child", "--shape", shape, "--variants", variant]
+            cmd += [
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch-size",
+                str(args.batch_size),
+            ]
+            cmd += ["--batches", str(args.batches), "--cache-dir", args.cache_dir, "--out", str(out)]
+            cmd += [
+                "--device",
+                args.device,
+                "--time-budget",
+                str(max(clock.left(), 1)),
+                "--peak-tflops",
+                str(peak),
+            ]
+            if args.longest_edge:
+                cmd += ["--longest-edge", str(args.longest_edge)]
+            if args.workers is not None:
+                cmd += ["--workers", str(args.workers)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            print(proc.stdout.strip().split("\n\n")[0], flush=True)  # the child's progress lines
+            if out.is_file():
+                records += json.loads(out.read_text())["results"]
+            else:
+                records.append({"shape": shape, "variant": variant, "error": proc.stderr[-300:]})
+    return records
 
 
 def main() -> None:
@@ -639,6 +684,13 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=".cache/vlm-tune")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--out", default="bench_gpu.json")
+    ap.add_argument(
+        "--isolate",
+        action="store_true",
+        help="each variant in its own process: peak memory per variant (peak RSS on CPU)",
+    )
+    ap.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)  # set by --isolate
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     clock = Clock(args.time_budget)
     if args.device == "cpu":
@@ -659,11 +711,21 @@ def main() -> None:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"{os.cpu_count()}-core CPU"
-    print(
-        f"[bench_gpu] {name}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True
+    if not args.child:
+        print(
+            f"[bench_gpu] {name}, torch {torch.__version__}, transformers {transformers.__version__}",
+            flush=True,
+        )
+    peak = (
+        {"tflops": args.peak_tflops, "dtype": "(parent)", "n": "-"}
+        if args.peak_tflops
+        else matmul_peak_tflops(device)
     )
-    peak = matmul_peak_tflops(device)
-    print(f"[bench_gpu] matmul peak: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']} {peak['n']}³)", flush=True)
+    if not args.child:
+        print(
+            f"[bench_gpu] matmul peak: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']} {peak['n']}³)",
+            flush=True,
+        )
     report: dict[str, Any] = {
         "device": name,
         "torch": torch.__version__,
@@ -693,7 +755,11 @@ def main() -> None:
             print(f"[bench_gpu] {shape}: skipped (time budget)", flush=True)
             continue
         try:
-            bench_shape(shape, args, device, clock, peak["tflops"], sink)
+            if args.isolate:
+                for record in isolated(shape, args, clock, peak["tflops"]):
+                    sink(record)
+            else:
+                bench_shape(shape, args, device, clock, peak["tflops"], sink)
         except Exception as err:
             sink({"shape": shape, "variant": "*", "error": f"{type(err).__name__}: {str(err)[:300]}"})
             traceback.print_exc()

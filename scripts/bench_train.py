@@ -482,12 +482,21 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], machine
             k: {kk: vv for kk, vv in v.items() if kk != "batch_token_totals"} for k, v in results.items()
         },
     }
+    if "baseline" in results:
+        ours, base = results["vlm-tune"], results["baseline"]
+        blob["ratios"] = {
+            k: ours[k] / base[k] for k in ("samples_per_s", "tokens_per_s", "peak_mem_mb") if base.get(k)
+        }
+        print(
+            "vlm-tune/baseline ratios: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in blob["ratios"].items())
+            + " (peak memory: lower is better)"
+        )
     print("JSON: " + json.dumps(blob, sort_keys=True))
     if args.json:
         Path(args.json).write_text(json.dumps(blob, indent=2, sort_keys=True) + "\n")
     if "baseline" in results:
-        ratio = results["vlm-tune"]["samples_per_s"] / results["baseline"]["samples_per_s"]
-        print(f"vlm-tune/baseline samples/s ratio: {ratio:.2f}")
+        print(f"vlm-tune/baseline samples/s ratio: {blob['ratios']['samples_per_s']:.2f}")
 
 
 def main() -> None:

@@ -119,6 +119,33 @@ def test_bench_gpu_runs_on_cpu_with_the_tiny_shape(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_gpu_isolate_reports_peak_memory_per_variant(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_gpu.py", "--shape", "tiny", "--steps", "2", "--device", "cpu"]
+        + [
+            "--isolate",
+            "--variants",
+            "default,gc_on",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in results] == ["default", "gc_on"]
+    assert all(0.1 < r["peak_rss_gb"] < 8 and r["samples_per_s"] > 0 for r in results)
+    assert results[1]["vision_output_requires_grad"] is False
+    assert "| tiny | gc_on |" in proc.stdout
+
+
+@pytest.mark.slow
 def test_bench_train_compares_both_arms(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/bench_train.py", "--steps", "3", "--warmup", "1", "--repeats", "1"]
@@ -134,6 +161,9 @@ def test_bench_train_compares_both_arms(tmp_path):
     blob = json.loads(next(x for x in lines if x.startswith("JSON: "))[len("JSON: ") :])
     ours, base = blob["results"]["vlm-tune"], blob["results"]["baseline"]
     assert ours["trainable_params"] == base["trainable_params"]  # same LoRA config
+    assert blob["ratios"]["samples_per_s"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])
+    assert blob["ratios"]["peak_mem_mb"] == pytest.approx(ours["peak_mem_mb"] / base["peak_mem_mb"])
+    assert lines[-1].endswith(f"{blob['ratios']['samples_per_s']:.2f}")
     masking = base["masking"]
     assert masking["same_input_ids_as_vlm_tune"]
     assert masking["answer_tokens_also_supervised_by_baseline"]
