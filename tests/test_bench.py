@@ -69,6 +69,27 @@ def test_shape_processor_tiles_like_the_real_one(name, image_px, tokens):
     assert enc["pixel_values"].shape[1] == 17
 
 
+def _run_script(tmp_path, name, *args):
+    """scripts/NAME.py on CPU with a private cache; fails the test with its stderr on a non-zero exit."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            f"scripts/{name}.py",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_flop_model_matches_parameter_counts():
     from vlm_tune.shapes import parameter_count, shape_config
 
@@ -89,15 +110,7 @@ def test_flop_model_matches_parameter_counts():
 @pytest.mark.slow
 def test_bench_gpu_runs_on_cpu_with_the_tiny_shape(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_gpu.py", "--shape", "tiny", "--steps", "2", "--device", "cpu"]
-        + ["--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(tmp_path, "bench_gpu", "--shape", "tiny", "--steps", "2", "--out", str(out))
     report = json.loads(out.read_text())
     by_variant = {r["variant"]: r for r in report["results"]}
     assert by_variant["default"]["samples_per_s"] > 0
@@ -121,23 +134,10 @@ def test_bench_gpu_runs_on_cpu_with_the_tiny_shape(tmp_path):
 @pytest.mark.slow
 def test_bench_gpu_isolate_reports_peak_memory_per_variant(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_gpu.py", "--shape", "tiny", "--steps", "2", "--device", "cpu"]
-        + [
-            "--isolate",
-            "--variants",
-            "default,gc_on",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_script(
+        tmp_path, "bench_gpu", "--shape", "tiny", "--steps", "2", "--isolate", "--variants", "default,gc_on",
+        "--out", str(out),
+    )  # fmt: skip
     results = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in results] == ["default", "gc_on"]
     assert all(0.1 < r["peak_rss_gb"] < 8 and r["samples_per_s"] > 0 for r in results)
@@ -147,15 +147,9 @@ def test_bench_gpu_isolate_reports_peak_memory_per_variant(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_compares_both_arms(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_train.py", "--steps", "3", "--warmup", "1", "--repeats", "1"]
-        + ["--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    proc = _run_script(
+        tmp_path, "bench_train", "--steps", "3", "--warmup", "1", "--repeats", "1", "--batch-size", "4"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"vlm-tune/baseline samples/s ratio: \d+\.\d\d", lines[-1])
     blob = json.loads(next(x for x in lines if x.startswith("JSON: "))[len("JSON: ") :])
