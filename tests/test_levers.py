@@ -124,6 +124,22 @@ def test_supervised_loss_equals_full_logits_loss(tiny_dir, cache_dir, tmp_path, 
     torch.testing.assert_close(summed * 4, ref_loss)
 
 
+def test_supervised_loss_refuses_a_model_without_logits_masks(batch):
+    from types import SimpleNamespace
+
+    from vlm_tune.errors import UserError
+
+    def old_style(input_ids, logits_to_keep=0, **kwargs):  # ignores a mask: full logits back
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 10))
+
+    def no_kwarg(input_ids, attention_mask, pixel_values, pixel_attention_mask):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 10))
+
+    for model in (old_style, no_kwarg):
+        with pytest.raises(UserError, match="train.supervised_logits_only=false"):
+            supervised_loss(model, batch)
+
+
 def test_length_grouped_sampler_groups_and_is_seeded():
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(50, 1200, (512,), generator=gen).tolist()

@@ -131,8 +131,19 @@ def supervised_loss(model: Any, batch: dict[str, Any], num_items_in_batch: Any =
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    outputs = model(**inputs, logits_to_keep=keep)
     targets = labels[:, 1:][keep[:, :-1]]
+    unsupported = UserError(
+        f"{type(model).__name__} does not take a boolean logits_to_keep mask (transformers 5 models do); "
+        "set train.supervised_logits_only=false"
+    )
+    try:
+        outputs = model(**inputs, logits_to_keep=keep)
+    except TypeError as err:
+        if "logits_to_keep" in str(err):
+            raise unsupported from None
+        raise
+    if outputs.logits.dim() != 2 or outputs.logits.shape[0] != targets.numel():
+        raise unsupported
     loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
     if num_items_in_batch is None:
         num_items_in_batch = targets.numel()
