@@ -8,8 +8,9 @@ resolution, batch size, number of steps, learning rate and LoRA config (r 8, alp
 decoder attention/MLP projections and the connector), each in its own subprocess so peak memory is
 per arm:
 
-* vlm-tune: `VlmTrainer` + `ChatCollator` + `training_arguments(cfg)`, wired as in `vlm_tune.train`.
-  Labels cover only the answer and its `<end_of_utterance>`.
+* vlm-tune: `VlmTrainer` + `ChatCollator` + `training_arguments(cfg)`, wired as in `vlm_tune.train`,
+  with vlm-tune's defaults (logits only where supervised; `dataloader_num_workers: auto`, i.e. 0 on CPU
+  and min(4, cores - 1) with CUDA). Labels cover only the answer and its `<end_of_utterance>`.
 * baseline: the recipe of the HF cookbook / smol-course "fine-tune SmolVLM on ChartQA with TRL" notebooks:
   `SFTTrainer(model, SFTConfig(..., remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset":
   True}), data_collator=collate_fn, peft_config=LoraConfig(...), processing_class=processor)` where

@@ -2,6 +2,7 @@
 supervised, length-grouped batches, dataloader workers."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -233,3 +234,22 @@ def test_all_levers_together_train(cache_dir, tmp_path):
     assert len(log) == 3 and all(h["loss"] == h["loss"] for h in log)
     adapter = load_file(str(run / "final" / "adapter_model.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_dataloader_workers_auto_is_zero_on_cpu_and_several_on_a_gpu(tmp_path):
+    from vlm_tune.config import ConfigError, build_config
+    from vlm_tune.trainer import resolve_workers, training_arguments
+
+    assert build_config({}).train.dataloader_num_workers == "auto"
+    assert resolve_workers("auto", cuda=False, cpus=16) == 0  # on CPU the cores train
+    assert resolve_workers("auto", cuda=True, cpus=16) == 4
+    assert resolve_workers("auto", cuda=True, cpus=2) == 1
+    assert resolve_workers(3, cuda=False, cpus=2) == 3
+    expected = min(4, (os.cpu_count() or 1) - 1) if torch.cuda.is_available() else 0
+    assert training_arguments(build_config({}), tmp_path).dataloader_num_workers == expected
+    args = training_arguments(build_config({}, ["train.dataloader_num_workers=2"]), tmp_path)
+    assert args.dataloader_num_workers == 2
+    with pytest.raises(
+        ConfigError, match="train.dataloader_num_workers: got -1; expected a whole number >= 0"
+    ):
+        build_config({}, ["train.dataloader_num_workers=-1"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlm_tune.errors import UserError
 
@@ -176,9 +176,18 @@ class TrainSection(Section):
     save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Keep only the last N checkpoints.")
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every N steps.")
-    dataloader_num_workers: int = Field(
-        0, ge=0, description="Worker processes that decode and preprocess images off the training loop."
+    dataloader_num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="Processes that decode and tile images off the training loop; auto: 0 on CPU, "
+        "min(4, cores - 1) with CUDA.",
     )
+
+    @field_validator("dataloader_num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError("expected a whole number >= 0 or 'auto'")
 
 
 class EvalSection(Section):
@@ -280,8 +289,10 @@ def _format_errors(err: ValidationError) -> list[str]:
         value = e.get("input")
         shown = repr(value) if not isinstance(value, dict) else "a mapping"
         msg = e["msg"]
-        if msg.lower().startswith(("input should be", "value error")):
-            msg = "expected " + msg.split(" ", 3)[-1] if msg.lower().startswith("input should be") else msg
+        if msg.lower().startswith("input should be"):
+            msg = "expected " + msg.split(" ", 3)[-1]
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
         problems.append(f"{key}: got {shown}; {msg}")
     # union types report one error per member; keep the first per key+value
     seen, unique = set(), []

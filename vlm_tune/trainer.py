@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -331,6 +332,17 @@ class GenerationEval(TrainerCallback):
             )
 
 
+def resolve_workers(value: int | str, cuda: bool, cpus: int) -> int:
+    """train.dataloader_num_workers → a number. auto: 0 on CPU (the cores train), else min(4, cpus - 1).
+
+    On a GPU, preprocessing in the training process starves it: at SmolVLM's default resolution one
+    process tiles ≈ 1.5 charts/s (docs/performance.md).
+    """
+    if value != "auto":
+        return int(value)
+    return min(4, cpus - 1) if cuda else 0
+
+
 def training_arguments(cfg: Config, run_dir: Path) -> Any:
     """Config → transformers TrainingArguments."""
     from transformers import TrainingArguments
@@ -357,7 +369,7 @@ def training_arguments(cfg: Config, run_dir: Path) -> Any:
         data_seed=cfg.run.seed,
         bf16=cfg.model.dtype == "bfloat16" and use_cuda,
         fp16=cfg.model.dtype == "float16" and use_cuda,
-        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_num_workers=resolve_workers(t.dataloader_num_workers, use_cuda, os.cpu_count() or 1),
         remove_unused_columns=False,
         report_to=report_to,
         run_name=cfg.run.name,
