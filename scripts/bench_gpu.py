@@ -319,23 +319,20 @@ def run_model_only(
     """warmup + steps optimizer steps on pre-collated batches: the model's own throughput."""
     import torch
 
-    from vlm_tune.model import enable_gradient_checkpointing, load_model, parameter_counts, setup_training
+    from vlm_tune.model import load_model, parameter_counts, setup_training
     from vlm_tune.trainer import supervised_loss
 
-    model = setup_training(load_model(model_dir, cfg), cfg)
+    model = setup_training(load_model(model_dir, cfg), cfg)  # vlm-tune's checkpointing when the cfg asks
     quantized = cfg.train.method == "qlora"
     if not quantized:
         model.to(device)
-    if cfg.train.gradient_checkpointing and hf_hooks:
-        # as transformers' Trainer does it: non-reentrant, but with input-grad hooks on every sub-model
+    if hf_hooks:
+        # as transformers' Trainer does it: enabling again adds input-grad hooks on every sub-model
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    elif cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     supervised_only = cfg.train.supervised_logits_only
     model.train()
     trainable, total = parameter_counts(model)
@@ -407,7 +404,7 @@ def run_e2e(cfg: Any, model_dir: str, device: str, args: argparse.Namespace) -> 
 
     from vlm_tune.data.collate import ChatCollator
     from vlm_tune.data.sources import RowDataset, load_split, prepare_split
-    from vlm_tune.model import enable_gradient_checkpointing, load_model, load_processor, setup_training
+    from vlm_tune.model import load_model, load_processor, setup_training
     from vlm_tune.trainer import VlmTrainer, training_arguments
 
     class Timer(TrainerCallback):
@@ -424,8 +421,6 @@ def run_e2e(cfg: Any, model_dir: str, device: str, args: argparse.Namespace) -> 
         load_split(cfg.data, "train", cfg.model.cache_dir), "error", "error", None, processor, collator
     )
     model = setup_training(load_model(model_dir, cfg), cfg)
-    if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-e2e-") as tmp:
         targs = training_arguments(cfg, Path(tmp))
         targs.save_strategy = "no"
@@ -711,17 +706,16 @@ def main() -> None:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"{os.cpu_count()}-core CPU"
-    if not args.child:
-        print(
-            f"[bench_gpu] {name}, torch {torch.__version__}, transformers {transformers.__version__}",
-            flush=True,
-        )
     peak = (
         {"tflops": args.peak_tflops, "dtype": "(parent)", "n": "-"}
         if args.peak_tflops
         else matmul_peak_tflops(device)
     )
-    if not args.child:
+    if not args.child:  # an --isolate child runs one variant: its parent printed these
+        print(
+            f"[bench_gpu] {name}, torch {torch.__version__}, transformers {transformers.__version__}",
+            flush=True,
+        )
         print(
             f"[bench_gpu] matmul peak: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']} {peak['n']}³)",
             flush=True,

@@ -182,13 +182,7 @@ def run_vlm_tune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from vlm_tune.data.collate import ChatCollator
     from vlm_tune.data.sources import RowDataset, load_split, prepare_split
-    from vlm_tune.model import (
-        enable_gradient_checkpointing,
-        load_model,
-        load_processor,
-        resolve_model_path,
-        setup_training,
-    )
+    from vlm_tune.model import load_model, load_processor, resolve_model_path, setup_training
     from vlm_tune.trainer import VlmTrainer, training_arguments
 
     t0 = time.perf_counter()
@@ -206,8 +200,6 @@ def run_vlm_tune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         collator,
     )
     model = setup_training(load_model(path, cfg), cfg)
-    if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     targs = training_arguments(cfg, work / "run")
     targs.save_strategy = "no"
     record: list[tuple[int, int, int]] = []

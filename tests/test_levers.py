@@ -68,8 +68,6 @@ def _model_loss(model, batch):
 
 
 def test_checkpointing_keeps_frozen_vision_tower_out_of_the_graph(tiny_dir, cache_dir, tmp_path, batch):
-    from vlm_tune.model import enable_gradient_checkpointing
-
     ref = _lora_model(tiny_dir, cache_dir, tmp_path)
     in_graph, ref_loss, ref_grads = _vision_output_requires_grad(ref, batch, _model_loss)
     assert in_graph is False  # LoRA on decoder + projector: the tower runs forward only
@@ -81,8 +79,7 @@ def test_checkpointing_keeps_frozen_vision_tower_out_of_the_graph(tiny_dir, cach
     )
     assert _vision_output_requires_grad(trap, batch, _model_loss)[0] is True
 
-    ours = _lora_model(tiny_dir, cache_dir, tmp_path)
-    enable_gradient_checkpointing(ours)
+    ours = _lora_model(tiny_dir, cache_dir, tmp_path, "train.gradient_checkpointing=true")  # setup_training
     assert ours.get_base_model().model.text_model.gradient_checkpointing
     in_graph, loss, grads = _vision_output_requires_grad(ours, batch, _model_loss)
     assert in_graph is False

@@ -115,11 +115,13 @@ def load_model(path: str, cfg: Config) -> Any:
 
 
 def setup_training(model: Any, cfg: Config) -> Any:
-    """Freeze/unfreeze by method; wrap in LoRA when asked. Returns the model to train."""
+    """Freeze/unfreeze by method; wrap in LoRA when asked; checkpointing if asked. Returns the model to train."""
     method = cfg.train.method
     if method == "full":
         for name, p in model.named_parameters():
             p.requires_grad = cfg.model.train_vision or not name.startswith(VISION_MODULE)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -142,6 +144,8 @@ def setup_training(model: Any, cfg: Config) -> Any:
         peft_model = get_peft_model(model, lora)
     except ValueError as err:
         raise UserError(f"lora.targets {targets!r} matched no module: {err}") from None
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
     return peft_model
 
 

@@ -19,14 +19,7 @@ from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import ChatCollator
 from vlm_tune.data.sources import RowDataset, load_split, prepare_split
 from vlm_tune.evaluate import comparison_table, generate_answers, majority_answers, score, write_eval
-from vlm_tune.model import (
-    enable_gradient_checkpointing,
-    load_model,
-    load_processor,
-    parameter_counts,
-    resolve_model_path,
-    setup_training,
-)
+from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
 from vlm_tune.trainer import (
     CheckpointMarker,
     GenerationEval,
@@ -94,10 +87,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         preds = majority_answers(train_rows, eval_rows)
         results["majority"] = write_eval(run_dir / "eval" / "majority", score(eval_rows, preds))
 
-    # LoRA / QLoRA / full
+    # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
     model = setup_training(model, cfg)
-    if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     trainable, total = parameter_counts(model)
     console.print(
         f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "

@@ -133,24 +133,27 @@ def supervised_loss(model: Any, batch: dict[str, Any], num_items_in_batch: Any =
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:][keep[:, :-1]]
-    unsupported = UserError(
-        f"{type(model).__name__} does not take a boolean logits_to_keep mask (transformers 5 models do); "
-        "set train.supervised_logits_only=false"
-    )
     try:
         outputs = model(**inputs, logits_to_keep=keep)
     except TypeError as err:
         if "logits_to_keep" in str(err):
-            raise unsupported from None
+            raise _no_logits_mask(model) from None
         raise
     if outputs.logits.dim() != 2 or outputs.logits.shape[0] != targets.numel():
-        raise unsupported
+        raise _no_logits_mask(model)
     loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
     if num_items_in_batch is None:
         num_items_in_batch = targets.numel()
     elif torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch, outputs
+
+
+def _no_logits_mask(model: Any) -> UserError:
+    return UserError(
+        f"{type(model).__name__} does not take a boolean logits_to_keep mask (transformers 5 models do); "
+        "set train.supervised_logits_only=false"
+    )
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
