@@ -11,6 +11,7 @@ from rich.console import Console
 
 from vlm_tune.config import Config
 from vlm_tune.data.collate import IGNORE_INDEX, ChatCollator
+from vlm_tune.data.formats import answer_warnings
 from vlm_tune.data.sources import BadRow, load_split, prepare_split
 from vlm_tune.errors import UserError
 from vlm_tune.model import load_processor, resolve_model_path
@@ -78,6 +79,8 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
         console.print(f"\n[bold]{split}[/bold]: {len(rowset)} rows in the source; {prepared.summary()}")
         for reason, example in prepared.skipped_examples.items():
             console.print(f"  {reason}: e.g. {example}")
+        for warning in answer_warnings(rowset, prepared.indices):
+            console.print(f"  [yellow]warning: {warning}[/yellow]", highlight=False)
         bad = sum(n for r, n in prepared.skipped.items() if r != "overlong")
         if bad and d.on_bad_row == "error":
             ok = False

@@ -2,8 +2,9 @@
 
 Canonical row: `id` (str), `images` (list of RGB PIL images, in order), `question` (str), `answers`
 (list of non-empty gold strings; training uses the first), `split`, `type`, and optionally `messages`
-(a conversational row). Sources: 'synthetic', a `save_to_disk` directory, a .jsonl/.json/.csv/.parquet file
-(image paths relative to the file), or a hub dataset id.
+(a conversational row). Sources: 'synthetic', a hub dataset id, or a directory/file in one of the layouts of
+`vlm_tune.data.formats` (save_to_disk, ChartQA as released, .jsonl/.json tables, LLaVA and ShareGPT rows, .csv,
+.parquet; image paths relative to the file). Gold answers are kept byte for byte.
 """
 
 from __future__ import annotations
@@ -153,19 +154,26 @@ def expand_images(
 
 
 def normalize_answers(value: Any, row_id: str, column: str) -> list[str]:
-    """A label cell (string, list of strings, or a number) → non-empty gold strings, or raise BadRow."""
+    """A label cell (string, list of strings, or a number) → gold strings, kept byte for byte, or BadRow.
+
+    An empty or whitespace-only answer is a bad row; any other text is kept exactly (surrounding whitespace
+    included: `vlm-tune check` counts such answers). A number (only a typed parquet/arrow column gives one)
+    becomes `number_text(v)`; its written form is gone, and `check` warns with the count.
+    """
+    from vlm_tune.data.formats import number_text
+
     values = value if isinstance(value, (list, tuple)) else [value]
     out = []
     for v in values:
-        if isinstance(v, bool) or v is None:
+        if isinstance(v, bool) or v is None or (isinstance(v, float) and v != v):
             raise BadRow("bad_answer", row_id, column, f"answer is {v!r}; expected a non-empty string")
         if isinstance(v, (int, float)):
-            v = format(v, "g") if isinstance(v, float) else str(v)
+            v = number_text(v)
         if not isinstance(v, str):
             raise BadRow("bad_answer", row_id, column, f"answer is a {type(v).__name__}; expected a string")
         if not v.strip():
             raise BadRow("bad_answer", row_id, column, "answer is empty")
-        out.append(v.strip())
+        out.append(v)
     if not out:
         raise BadRow("bad_answer", row_id, column, "answer list is empty")
     return out
@@ -179,25 +187,36 @@ def _text_of(message: dict[str, Any]) -> str:
 
 
 def normalize_messages(value: Any, row_id: str, column: str) -> list[dict[str, Any]]:
-    """Validate a conversational row: roles, content lists, a final assistant turn with text."""
+    """Validate a conversational row: roles, content lists, a final assistant turn with text.
+
+    Turns are {role, content} (content a list of parts, or a string) or LLaVA's {from: human|gpt, value};
+    an `<image>` in a string is an image slot at that place.
+    """
+    from vlm_tune.data.formats import split_placeholders, turn_role_and_content
+
     if not isinstance(value, list) or not value:
         raise BadRow("bad_messages", row_id, column, "messages must be a non-empty list of {role, content}")
     out = []
     for m in value:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        role, content = turn_role_and_content(m)
+        if role not in ("system", "user", "assistant"):
             raise BadRow(
-                "bad_messages", row_id, column, f"bad message {m!r}; role must be system/user/assistant"
+                "bad_messages",
+                row_id,
+                column,
+                f"bad message {m!r}; role must be system/user/assistant (LLaVA: from human/gpt/system)",
             )
-        content = m.get("content")
         if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
+            content = split_placeholders(content)
+        elif not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+            raise BadRow("bad_messages", row_id, column, f"bad message {m!r}; content must be text or parts")
         parts = []
         for p in content or []:
             kind = p.get("type")
             parts.append(
                 {"type": "image"} if kind == "image" else {"type": "text", "text": p.get("text") or ""}
             )
-        out.append({"role": m["role"], "content": parts})
+        out.append({"role": role, "content": parts})
     if out[-1]["role"] != "assistant" or not _text_of(out[-1]).strip():
         raise BadRow("bad_answer", row_id, column, "the last message must be an assistant turn with text")
     return out
@@ -250,9 +269,10 @@ class RowSet:
             messages = normalize_messages(raw.get(cols["messages"]), rid, cols["messages"])
             out["messages"] = messages
             n_slots = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+            given = raw.get(image_col) if image_col else None
             images = (
-                expand_images(raw.get(image_col), self.base_dir, self.max_frames, rid, image_col)
-                if n_slots
+                expand_images(given, self.base_dir, self.max_frames, rid, image_col)
+                if given not in (None, "", [])
                 else []
             )
             if len(images) != n_slots:
@@ -260,12 +280,13 @@ class RowSet:
                     "image_count_mismatch",
                     rid,
                     image_col,
-                    f"messages have {n_slots} image slots but {len(images)} images",
+                    f"messages have {n_slots} image slot(s) (<image> placeholders or image parts) but the row "
+                    f"gives {len(images)} image(s)",
                 )
             out["images"] = images
             users = [m for m in messages if m["role"] == "user"]
             out["question"] = _text_of(users[-1]) if users else ""
-            out["answers"] = [_text_of(messages[-1]).strip()]
+            out["answers"] = [_text_of(messages[-1])]
         else:
             out["images"] = expand_images(raw.get(image_col), self.base_dir, self.max_frames, rid, image_col)
             question = raw.get(cols["question"])
@@ -322,6 +343,8 @@ def load_split(data_cfg: Any, split: str, cache_dir: str | Path, seed: int = 0) 
 
     source = data_cfg.source
     base_dir: Path | None = None
+    layout_cols: dict[str, str] | None = None
+    fixed_layout = False  # ChartQA as released: its columns whatever data.columns says
     if source == "synthetic":
         from vlm_tune.data.synthetic import ensure_synthetic
 
@@ -341,21 +364,22 @@ def load_split(data_cfg: Any, split: str, cache_dir: str | Path, seed: int = 0) 
         dd = datasets.load_from_disk(str(path))
         ds = _pick_split(dd, split, source)
     elif Path(source).is_dir():
-        dd = datasets.load_from_disk(source)
-        ds = _pick_split(dd, split, source) if isinstance(dd, datasets.DatasetDict) else dd
+        from vlm_tune.data.formats import directory_layout, load_chartqa
+
+        if directory_layout(Path(source)) == "chartqa":
+            ds, layout_cols = load_chartqa(Path(source), split)
+            fixed_layout = True
+        else:
+            dd = datasets.load_from_disk(source)
+            ds = _pick_split(dd, split, source) if isinstance(dd, datasets.DatasetDict) else dd
     elif Path(source).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        from vlm_tune.data.formats import load_file
+
         path = Path(source)
         if not path.is_file():
             raise UserError(f"data.source: file not found: {path}")
         base_dir = path.resolve().parent
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix.lower()]
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        if "split" in ds.column_names and split in set(ds["split"]):
-            ds = ds.filter(lambda r: r["split"] == split)
-        elif "split" in ds.column_names:
-            raise UserError(
-                f"data.source {path}: no rows with split == {split!r}; values present: {sorted(set(ds['split']))}"
-            )
+        ds, layout_cols = load_file(path, split)
     elif "/" in source and not Path(source).exists() and not source.startswith((".", "/")):
         try:
             ds = datasets.load_dataset(source, data_cfg.config_name, revision=data_cfg.revision, split=split)
@@ -371,13 +395,20 @@ def load_split(data_cfg: Any, split: str, cache_dir: str | Path, seed: int = 0) 
                 "copy DIR here and set data.source=DIR."
             ) from None
     else:
+        from vlm_tune.data.formats import LAYOUTS
+
         raise UserError(
-            f"data.source: {source!r} is not 'synthetic', an existing directory, a .jsonl/.csv/.parquet file, "
-            "or a hub dataset id (ORG/NAME)"
+            f"data.source: {source!r} is not 'synthetic', an existing directory or file, or a hub dataset id "
+            f"(ORG/NAME). Recognised layouts: {LAYOUTS}"
         )
     ds = _no_decode(ds)
     is_messages = "messages" in ds.column_names
     cols = _resolve_columns(data_cfg.columns, list(ds.column_names), is_messages)
+    if layout_cols and (fixed_layout or isinstance(data_cfg.columns, str)):  # a layout's own columns
+        cols = dict(layout_cols)
+        for role, name in DEFAULT_OPTIONAL.items():
+            if role not in cols and name in ds.column_names:
+                cols[role] = name
     _check_columns(ds, cols, source)
     return RowSet(ds, cols, base_dir, data_cfg.max_frames, split)
 
