@@ -127,7 +127,8 @@ class PromptSection(Section):
     system: str | None = Field(None, description="System message; None = no system turn.")
     user_template: str = Field(
         "{question}\nAnswer with a single word or number.",
-        description="User text; {question} is replaced by the row's question. Same in train, eval, predict.",
+        description="User text; {question} is replaced by the row's question (the only placeholder; write "
+        "literal braces as {{ and }}). Same in train, eval, predict.",
     )
 
 
@@ -357,8 +358,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def cross_field_problems(cfg: Config) -> list[str]:
     """Rules that involve more than one key (litgpt's validate_args); all returned together."""
     problems = []
-    if "{question}" not in cfg.prompt.user_template:
-        problems.append("prompt.user_template: must contain {question}")
+    from vlm_tune.data.chat import template_problems
+
+    problems += template_problems(cfg.prompt.user_template)
     if cfg.hub.push_on_end and not cfg.hub.repo_id:
         problems.append("hub.push_on_end: true needs hub.repo_id (ORG/NAME or a local directory)")
     if (

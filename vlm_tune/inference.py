@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
 from vlm_tune.data.chat import load_prompt
 from vlm_tune.data.collate import ChatCollator
@@ -47,17 +48,33 @@ def load_for_inference(adapter: str | Path, dtype: str = "float32") -> tuple[Any
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_id = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        if not Path(base_id).exists() and base_id.count("/") != 1:
-            raise UserError(
-                f"{path}: base model {base_id!r} not found; point adapter_config.json at a local copy"
-            )
-        base = AutoModelForImageTextToText.from_pretrained(base_id, dtype=DTYPES[dtype])
+        base_id = _check_base_available(path)
+        try:
+            base = AutoModelForImageTextToText.from_pretrained(base_id, dtype=DTYPES[dtype])
+        except OSError as err:
+            raise UserError(f"{path}: base model {base_id!r} could not be loaded: {err}") from None
         model = PeftModel.from_pretrained(base, path)
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype])
     model.eval()
     return model, processor, prompt
+
+
+def _check_base_available(adapter_dir: Path) -> str:
+    """The adapter's base model id or path, checked like train checks model.name_or_path (offline cache)."""
+    from vlm_tune.model import _check_hub_model_available
+
+    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_id = adapter_cfg["base_model_name_or_path"]
+    if Path(base_id).exists():
+        return base_id
+    if base_id.startswith((".", "/")) or base_id.count("/") != 1:
+        raise UserError(
+            f"{adapter_dir}: base model {base_id!r} not found; set base_model_name_or_path in its "
+            "adapter_config.json to a local copy of the base model"
+        )
+    _check_hub_model_available(base_id, adapter_cfg.get("revision"))
+    return base_id
 
 
 def _apply_saved_image_settings(processor: Any, path: Path) -> None:
@@ -162,14 +179,13 @@ def predict_cli(args: Any) -> int:
             raise UserError("predict needs --question (or --batch FILE)")
         if not args.image and not args.frames:
             raise UserError("predict needs --image PATH (repeatable) or --frames DIR")
-        try:
-            images = []
-            for p in args.image:
-                images += expand_images(p, None, 64, "input", "--image")
-            if args.frames:
-                images += expand_images(args.frames, None, 64, "input", "--frames")
-        except BadRow as err:
-            raise UserError(str(err).split(" (reason")[0]) from None
+        inputs = [("--image", p) for p in args.image] + ([("--frames", args.frames)] if args.frames else [])
+        images = []
+        for flag, value in inputs:
+            try:
+                images += expand_images(value, None, 64, "input", flag)
+            except BadRow as err:  # names the file: "--image x.png: image file x.png cannot be decoded (...)"
+                raise UserError(f"{flag} {value}: {err.detail}") from None
         items.append({"images": images, "question": args.question, "id": "0"})
     model, processor, prompt = load_for_inference(args.adapter)
     answers = predict(model, processor, prompt, items, args.max_new_tokens)
@@ -194,6 +210,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    make_portable(tmp)
     for name in ("prompt.json", "config.yaml"):
         if (adapter_dir / name).is_file():
             shutil.copy2(adapter_dir / name, tmp / name)

@@ -99,6 +99,10 @@ def load_model(path: str, cfg: Config) -> Any:
     if cfg.train.method == "qlora":
         from transformers import BitsAndBytesConfig
 
+        from vlm_tune.quiet import four_bit_in_use
+
+        four_bit_in_use()
+
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

@@ -14,6 +14,7 @@ from accelerate import PartialState
 from rich.console import Console
 from transformers import PrinterCallback, set_seed
 
+from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
 from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import ChatCollator
@@ -185,6 +186,7 @@ def save_final(model: Any, processor: Any, cfg: Config, final_dir: Path) -> None
     (tmp / "README.md").unlink(missing_ok=True)  # peft's stub card; `vlm-tune push` writes the real one
     save_prompt(tmp, cfg.prompt.system, cfg.prompt.user_template)
     (tmp / "config.yaml").write_text(cfg.to_yaml())
+    make_portable(tmp)
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp, final_dir)
 

@@ -14,6 +14,34 @@ from typing import Any
 PROMPT_FILE = "prompt.json"
 
 
+def template_problems(template: str, key: str = "prompt.user_template") -> list[str]:
+    """What is wrong with a user template: it must hold {question} and no other placeholder; literal braces
+    are written doubled, `{{` and `}}` (str.format rules). Empty list = valid."""
+    import string
+
+    try:
+        specs = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        return [
+            f"{key}: unpaired brace ({err}); write a literal {{ as {{{{ and }} as }}}}, e.g. "
+            "'Reply as JSON {{\"answer\": ...}}'"
+        ]
+    problems = []
+    unknown = [
+        "{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        for f, spec, conv in specs
+        if f != "question" or spec or conv
+    ]
+    if unknown:
+        problems.append(
+            f"{key}: unknown placeholder(s) {', '.join(unknown)}; only {{question}} is replaced. "
+            "Write literal braces doubled: {{ and }}"
+        )
+    if not any(f.split(".")[0].split("[")[0] == "question" for f, _, _ in specs):
+        problems.append(f"{key}: must contain {{question}}")
+    return problems
+
+
 def build_messages(
     row: dict[str, Any], system: str | None, user_template: str, with_answer: bool = True
 ) -> list[dict[str, Any]]:

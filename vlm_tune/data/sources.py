@@ -30,7 +30,7 @@ class BadRow(UserError):
     """A row that cannot be used; names the row, the column and the reason."""
 
     def __init__(self, reason: str, row_id: str, column: str | None, detail: str) -> None:
-        self.reason, self.row_id, self.column = reason, row_id, column
+        self.reason, self.row_id, self.column, self.detail = reason, row_id, column, detail
         where = f"row {row_id}" + (f", column {column!r}" if column else "")
         super().__init__(
             f"{where}: {detail} (reason: {reason}). Fix the row, or set data.on_bad_row=skip to skip and count such rows."
@@ -61,6 +61,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def open_image(value: Any, base_dir: Path | None, row_id: str, column: str) -> Image.Image:
     """Decode one image value (PIL image, {'bytes','path'} dict, path string) into RGB, or raise BadRow."""
+    what = "image"
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -75,6 +76,7 @@ def open_image(value: Any, base_dir: Path | None, row_id: str, column: str) -> I
                 path = base_dir / path
             if not path.is_file():
                 raise BadRow("missing_image", row_id, column, f"image file not found: {path}")
+            what = f"image file {path}"
             image = Image.open(path)
         elif value is None:
             raise BadRow("missing_image", row_id, column, "image is empty (None)")
@@ -88,7 +90,7 @@ def open_image(value: Any, base_dir: Path | None, row_id: str, column: str) -> I
         raise
     except Exception as err:  # PIL raises many types for broken files
         raise BadRow(
-            "corrupt_image", row_id, column, f"image cannot be decoded ({type(err).__name__}: {err})"
+            "corrupt_image", row_id, column, f"{what} cannot be decoded ({type(err).__name__}: {err})"
         ) from None
     if image.width == 0 or image.height == 0:
         raise BadRow("empty_image", row_id, column, "image has zero size")

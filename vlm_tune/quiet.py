@@ -1,0 +1,30 @@
+"""Library notices that do not concern the run: shown only when they apply.
+
+bitsandbytes logs, on import on an AVX512-BF16 CPU, that the optional `kernels` package for its CPU 4-bit
+matmul is missing. peft imports bitsandbytes for every LoRA model, so without this filter every command
+printed it. It is passed through once a 4-bit model is loaded (`four_bit_in_use()`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_state = {"four_bit": False}
+
+
+class _FourBitOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _state["four_bit"] or "gemm_4bit_forward" not in record.getMessage()
+
+
+def four_bit_in_use() -> None:
+    """A 4-bit model is being loaded: bitsandbytes' notices about its 4-bit kernels apply."""
+    _state["four_bit"] = True
+
+
+def install() -> None:
+    """Attach the filter (idempotent)."""
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    if not any(isinstance(f, _FourBitOnly) for f in logger.filters):
+        logger.addFilter(_FourBitOnly())
