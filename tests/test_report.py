@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -229,6 +230,10 @@ def _find_browser():
 @pytest.mark.slow
 def test_screenshot_script(tmp_path, eval_dirs, images):
     if _find_browser() is None:
+        if os.environ.get("VLM_TUNE_REQUIRE_BROWSER") == "1":  # set by .ci/run, which installs one
+            pytest.fail(
+                "VLM_TUNE_REQUIRE_BROWSER=1 but no chromium / chromium-browser / google-chrome on PATH"
+            )
         pytest.skip("no chromium / chromium-browser / google-chrome on PATH")
     a_dir, b_dir, _, _ = eval_dirs
     report = write_report(tmp_path / "report.html", a_dir, b_dir, images=images)
