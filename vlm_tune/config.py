@@ -97,7 +97,8 @@ class SyntheticSection(Section):
 class DataSection(Section):
     source: str = Field(
         SYNTHETIC,
-        description="'synthetic', a hub dataset id, a save_to_disk directory, or a .jsonl/.csv/.parquet file.",
+        description="'synthetic', a hub dataset id, a save_to_disk directory, a ChartQA release directory, or a "
+        ".jsonl/.json/.csv/.parquet file (tables, LLaVA or ShareGPT rows); layout found automatically.",
     )
     config_name: str | None = Field(None, description="Hub dataset config name.")
     revision: str | None = Field(None, description="Hub dataset revision.")

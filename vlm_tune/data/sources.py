@@ -300,7 +300,7 @@ class RowSet:
             out["answers"] = normalize_answers(raw.get(cols["answer"]), rid, cols["answer"])
         split_val = raw.get(cols["split"]) if "split" in cols else None
         if cols.get("split") == "human_or_machine":
-            split_val = {0: "human", 1: "augmented", "machine": "augmented"}.get(split_val, split_val)
+            split_val = {0: "human", 1: "augmented", "0": "human", "1": "augmented", "machine": "augmented"}.get(split_val, split_val)
         out["split"] = str(split_val) if split_val is not None else self.name
         out["type"] = (
             str(raw[cols["type"]]) if "type" in cols and raw.get(cols["type"]) is not None else "all"
