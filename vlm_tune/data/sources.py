@@ -21,6 +21,7 @@ from PIL import Image, ImageFile
 from vlm_tune.errors import UserError
 
 CHARTQA_COLUMNS = {"image": "image", "question": "query", "answer": "label", "split": "human_or_machine"}
+HUMAN_OR_MACHINE = {0: "human", 1: "augmented", "0": "human", "1": "augmented", "machine": "augmented"}
 DEFAULT_OPTIONAL = {"id": "id", "type": "type", "split": "split"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
@@ -300,7 +301,7 @@ class RowSet:
             out["answers"] = normalize_answers(raw.get(cols["answer"]), rid, cols["answer"])
         split_val = raw.get(cols["split"]) if "split" in cols else None
         if cols.get("split") == "human_or_machine":
-            split_val = {0: "human", 1: "augmented", "0": "human", "1": "augmented", "machine": "augmented"}.get(split_val, split_val)
+            split_val = HUMAN_OR_MACHINE.get(split_val, split_val)
         out["split"] = str(split_val) if split_val is not None else self.name
         out["type"] = (
             str(raw[cols["type"]]) if "type" in cols and raw.get(cols["type"]) is not None else "all"
