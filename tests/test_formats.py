@@ -153,11 +153,15 @@ def chartqa_release(tmp_path):
         png(root / split / "png" / "c1.png", (10, 10, 10))
         png(root / split / "png" / "c2.png", (20, 20, 20))
         human = [{"imgname": "c1.png", "query": f"{split} human?", "label": "0.50"}]
+        if split == "val":  # a label written as a JSON number keeps its text
+            human = [{"imgname": "c1.png", "query": "val human?", "label": "__NUMBER__"}]
         augmented = [
             {"imgname": "c2.png", "query": f"{split} aug 1?", "label": "007"},
             {"imgname": "c1.png", "query": f"{split} aug 2?", "label": "U.S."},
         ]
-        (root / split / f"{split}_human.json").write_text(json.dumps(human))
+        (root / split / f"{split}_human.json").write_text(
+            json.dumps(human).replace('"__NUMBER__"', "1.216666667")
+        )
         (root / split / f"{split}_augmented.json").write_text(json.dumps(augmented))
     return root
 
@@ -177,6 +181,7 @@ def test_chartqa_release_splits_and_subsets(tmp_path, point_at):
     assert len(load_split(cfg, "train", tmp_path)) == 3
     only = load_split(cfg, "val_augmented", tmp_path)
     assert [only.row(i)["question"] for i in range(len(only))] == ["val aug 1?", "val aug 2?"]
+    assert load_split(cfg, "val_human", tmp_path).row(0)["answers"] == ["1.216666667"]
     with pytest.raises(UserError, match=r"no split 'dev'; available: \['train', 'train_human'"):
         load_split(cfg, "dev", tmp_path)
 
@@ -212,6 +217,29 @@ def test_unrecognised_directory_exits_2_naming_the_layouts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "directory layout not recognised" in err and "ChartQA as released" in err
     assert "Traceback" not in err
+
+
+def test_check_reads_a_chartqa_release_and_a_llava_file(tmp_path, cache_dir, capsys):
+    """Both layouts go through the real pre-flight: processor, chat template, token counts, supervision."""
+    root = chartqa_release(tmp_path)
+    png(tmp_path / "a.png", size=(64, 48))
+    row = {
+        "id": "l1",
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "007"}],
+    }
+    (tmp_path / "llava.jsonl").write_text(json.dumps(row) + "\n")
+    for source, answer in ((root, "0.50"), (tmp_path / "llava.jsonl", "007")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            f"model:\n  cache_dir: {cache_dir}\n  image:\n    longest_edge: 64\ndata:\n  source: '{source}'\n"
+            "train:\n  max_length: 256\n"
+        )
+        dump = tmp_path / "dump.jsonl"
+        assert main(["check", str(cfg), "--dump", str(dump), "--rows", "1"]) == 0
+        assert "OK: training can start" in capsys.readouterr().out
+        first = json.loads(dump.read_text().splitlines()[0])
+        assert first["answer"] == answer and answer in first["supervised_text"]
 
 
 # ---------------------------------------------------------------------------------------------------------
