@@ -347,3 +347,14 @@ def test_json_that_is_not_a_list_of_rows_is_not_recognised(tmp_path):
     (tmp_path / "d.json").write_text('{"a": 1, "b": 2}')
     with pytest.raises(UserError, match="layout not recognised.*LLaVA"):
         load_split(data_cfg(tmp_path / "d.json"), "train", tmp_path)
+    (tmp_path / "d.json").write_text('[{"a": 1}, ')
+    with pytest.raises(UserError, match=r"d\.json: not valid JSON"):
+        load_split(data_cfg(tmp_path / "d.json"), "train", tmp_path)
+
+
+def test_a_json_file_with_one_object_a_line_is_read_as_lines(tmp_path):
+    png(tmp_path / "a.png")
+    (tmp_path / "d.json").write_text(
+        '{"image": "a.png", "question": "Q?", "answer": 0.50}\n{"image": "a.png", "question": "Q?", "answer": "x"}\n'
+    )
+    assert answers(tmp_path / "d.json") == [["0.50"], ["x"]]

@@ -78,9 +78,17 @@ def parse_json_text(text: str) -> Any:
 
 
 def read_json_rows(path: Path) -> list[dict[str, Any]]:
-    """A .jsonl (one object a line) or .json (a list of objects) file, numbers kept as written."""
+    """A .jsonl or .json file: a list of objects, or one object a line; numbers kept as written."""
     text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".jsonl":
+    as_lines = path.suffix.lower() == ".jsonl"
+    if not as_lines:
+        try:
+            rows = parse_json_text(text)
+        except json.JSONDecodeError as err:
+            if not err.msg.startswith("Extra data"):  # "Extra data": one object a line, in a .json file
+                raise UserError(f"data.source {path}: not valid JSON ({err})") from None
+            as_lines = True
+    if as_lines:
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -89,13 +97,6 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
                 rows.append(parse_json_text(line))
             except json.JSONDecodeError as err:
                 raise UserError(f"data.source {path}: line {n} is not JSON ({err})") from None
-    else:
-        try:
-            rows = parse_json_text(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"data.source {path}: not valid JSON ({err})") from None
-        if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
-            rows = next(iter(rows.values()))  # {"data": [...]}
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UserError(
             f"data.source {path}: layout not recognised: expected a list of objects (one per row). "
