@@ -56,6 +56,18 @@ def render_supervision(processor: Any, batch: dict[str, Any], b: int = 0) -> str
     return "".join(out)
 
 
+def selection_warning(cfg: Config) -> str | None:
+    """A warning when the best checkpoint is picked on the split that gives the final score."""
+    select = cfg.eval.select_split or cfg.data.eval_split
+    if not cfg.eval.every_steps or select != cfg.data.eval_split:
+        return None
+    return (
+        f"eval.select_split: the best checkpoint is picked on {select!r}, the split the final evaluation "
+        "(data.eval_split) reports, so that score is optimistic. Set eval.select_split to a validation "
+        "split (ChartQA: val)."
+    )
+
+
 def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     """Print the pre-flight report; return 1 if training would fail on this data, else 0."""
     console = Console()
@@ -65,6 +77,9 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     d = cfg.data
     ok = True
     console.print(f"[bold]vlm-tune check[/bold]  model {cfg.model.name_or_path}  data {d.source}")
+    warning = selection_warning(cfg)
+    if warning:
+        console.print(f"[yellow]warning: {warning}[/yellow]")
     train_prepared = None
     for split, limit in (
         (d.train_split, d.max_train_samples),
