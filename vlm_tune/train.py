@@ -172,6 +172,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         console.print(
             f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}"
         )
+    _finish_trackers(cfg)
     console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
     return run_dir
 
@@ -247,3 +248,12 @@ def _setup_trackers(cfg: Config, run_dir: Path) -> None:
         os.environ.setdefault("WANDB_DIR", str(run_dir))
     if "tensorboard" in cfg.logging.report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+
+
+def _finish_trackers(cfg: Config) -> None:
+    """Close this run's W&B run (its offline file complete), so a second train() in the process is its own run."""
+    if "wandb" in cfg.logging.report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
