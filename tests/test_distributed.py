@@ -315,3 +315,45 @@ def test_eval_metrics_reach_wandb_offline(resumed_run):
                 seen[items["train/global_step"]] = (items["eval/exact_match"], items["eval/relaxed_accuracy"])
     expected = {h["step"]: (h["exact_match"], h["relaxed_accuracy"]) for h in _history(resumed_run)}
     assert seen == expected  # JSON numbers both ways: exact
+
+
+def test_check_warns_when_best_checkpoint_is_picked_on_test_split(cache_dir, tmp_path, capsys):
+    from vlm_tune.check import run_check, selection_warning
+    from vlm_tune.config import load_config
+
+    cfg = tiny_cfg(cache_dir, tmp_path / "run", "eval.every_steps=2", "train.save_steps=2")
+    assert "picked on 'test'" in selection_warning(cfg)
+    assert selection_warning(tiny_cfg(cache_dir, tmp_path / "run")) is None, "no evals during training"
+    for path in ("configs/smolvlm-256m-chartqa.yaml", "configs/smolvlm-2.2b-chartqa-qlora.yaml"):
+        chartqa = load_config(ROOT / path)
+        assert chartqa.eval.select_split == "val" and selection_warning(chartqa) is None
+    assert run_check(cfg) == 0
+    assert "warning: eval.select_split: the best checkpoint is picked on 'test'" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
+def test_selection_rows_come_from_select_split(cache_dir, tmp_path):
+    from vlm_tune.train import _selection_rows
+
+    rows = []
+    for i in range(9):
+        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        split = ("train", "val", "test")[i % 3]
+        rows.append({"image": f"{i}.png", "q": f"q{i}", "a": str(i), "split": split, "id": f"r{i}"})
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_cfg(
+        cache_dir,
+        tmp_path / "run",
+        f"data.source={source}",
+        "data.columns={image: image, question: q, answer: a, id: id}",
+        "eval.every_steps=2",
+        "eval.subset_size=2",
+        "train.save_steps=2",
+    )
+    eval_rows = [{"id": "from-test"}]
+    assert _selection_rows(cfg, eval_rows, False) == eval_rows[:2], "default: data.eval_split"
+    cfg.eval.select_split = "val"
+    picked = _selection_rows(cfg, eval_rows, False)
+    assert [r["id"] for r in picked] == ["r1", "r4"] and [r["answers"] for r in picked] == [["1"], ["4"]]

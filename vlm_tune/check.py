@@ -80,6 +80,9 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     warning = selection_warning(cfg)
     if warning:
         console.print(f"[yellow]warning: {warning}[/yellow]")
+    elif cfg.eval.every_steps and cfg.eval.select_split:
+        n = len(load_split(d, cfg.eval.select_split, cfg.model.cache_dir))
+        console.print(f"best checkpoint picked on {cfg.eval.select_split!r} ({n} rows in the source)")
     train_prepared = None
     for split, limit in (
         (d.train_split, d.max_train_samples),
