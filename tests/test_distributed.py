@@ -91,12 +91,15 @@ def test_ddp_run_saves_trained_adapter_and_evaluates_sharded(cache_dir, tmp_path
         "eval.subset_size=4",
         "eval.batch_size=1",
         "eval.baselines=[untrained]",
+        "logging.progress=true",
     )
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     result = _torchrun(["-m", "vlm_tune.cli", "train", str(cfg_path)], 29551)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "train: 48 rows, none skipped; test: 8 rows, none skipped" in result.stdout + result.stderr
+    shown = result.stdout + result.stderr
+    assert "train: 48 rows, none skipped; test: 8 rows, none skipped" in shown, "pre-flight results gathered"
+    assert shown.count("pre-flight train") == 1, "one progress bar (rank 0's share of the rows)"
 
     final = load_file(str(out / "final" / "adapter_model.safetensors"))
     trained = load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
@@ -357,3 +360,14 @@ def test_selection_rows_come_from_select_split(cache_dir, tmp_path):
     cfg.eval.select_split = "val"
     picked = _selection_rows(cfg, eval_rows, False)
     assert [r["id"] for r in picked] == ["r1", "r4"] and [r["answers"] for r in picked] == [["1"], ["4"]]
+
+
+def test_preflight_progress_bar(cache_dir, tmp_path, capsys):
+    from vlm_tune.data.sources import load_split, prepare_split
+
+    rowset = load_split(tiny_cfg(cache_dir, tmp_path).data, "test", cache_dir)
+    prepare_split(rowset, limit=5, progress=True)
+    shown = capsys.readouterr().out
+    assert "pre-flight test" in shown and "5/5" in shown
+    prepare_split(rowset, limit=5)
+    assert capsys.readouterr().out == "", "quiet unless asked"

@@ -91,7 +91,14 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
         rowset = load_split(d, split, cfg.model.cache_dir)
         # count every problem, whatever the configured policy, then judge against the policy
         prepared = prepare_split(
-            rowset, "skip", "skip", cfg.train.max_length, processor, collator, limit=limit
+            rowset,
+            "skip",
+            "skip",
+            cfg.train.max_length,
+            processor,
+            collator,
+            limit=limit,
+            progress=cfg.logging.progress,
         )
         console.print(f"\n[bold]{split}[/bold]: {len(rowset)} rows in the source; {prepared.summary()}")
         for reason, example in prepared.skipped_examples.items():
