@@ -371,3 +371,19 @@ def test_preflight_progress_bar(cache_dir, tmp_path, capsys):
     assert "pre-flight test" in shown and "5/5" in shown
     prepare_split(rowset, limit=5)
     assert capsys.readouterr().out == "", "quiet unless asked"
+
+
+def test_fsdp1_refused_before_training_when_evaluating(cache_dir, tmp_path):
+    from vlm_tune.distributed import check_fsdp_version
+
+    def trainer(plugin):
+        return SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+
+    cfg = tiny_cfg(cache_dir, tmp_path)
+    with pytest.raises(UserError, match="fsdp_version: 2"):
+        check_fsdp_version(trainer(SimpleNamespace(fsdp_version=1)), cfg)
+    check_fsdp_version(trainer(SimpleNamespace(fsdp_version=2)), cfg)
+    check_fsdp_version(trainer(None), cfg)  # DDP or one process
+    check_fsdp_version(
+        trainer(SimpleNamespace(fsdp_version=1)), tiny_cfg(cache_dir, tmp_path, "eval.at_end=false")
+    )

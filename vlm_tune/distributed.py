@@ -119,6 +119,21 @@ def prepare_split_shared(rowset: Any, *args: Any, limit: int | None = None, **kw
 # evaluation
 
 
+def check_fsdp_version(trainer: Any, cfg: Any) -> None:
+    """Before any step: evaluation of a sharded model needs FSDP2 (FSDP1 is refused here, not after training)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if (
+        plugin is not None
+        and getattr(plugin, "fsdp_version", 1) == 1
+        and (cfg.eval.every_steps or cfg.eval.at_end)
+    ):
+        raise UserError(
+            "FSDP version 1 cannot generate for evaluation here: set fsdp_version: 2 in the accelerate config "
+            "(configs/accelerate/fsdp.yaml does), or eval.every_steps=null eval.at_end=false and evaluate "
+            "final/ with `vlm-tune eval`"
+        )
+
+
 def is_fsdp(model: Any) -> bool:
     """True when any part of model is sharded by FSDP (1 or 2)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel

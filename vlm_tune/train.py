@@ -18,7 +18,7 @@ from vlm_tune.config import Config
 from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import ChatCollator
 from vlm_tune.data.sources import RowDataset, load_split
-from vlm_tune.distributed import evaluate_rows, full_state_dict, prepare_split_shared
+from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
 from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
 from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
 from vlm_tune.trainer import (
@@ -127,6 +127,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         trainer.remove_callback(PrinterCallback)  # the progress bar shows the same numbers
     if gen_eval is not None:
         gen_eval.log = trainer.log  # eval/<metric> in the trackers
+    check_fsdp_version(trainer, cfg)
 
     # train
     trainer.train(resume_from_checkpoint=checkpoint)
