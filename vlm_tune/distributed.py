@@ -76,7 +76,7 @@ def prepare_split_shared(rowset: Any, *args: Any, limit: int | None = None, **kw
 
     Same arguments and result as `vlm_tune.data.sources.prepare_split`. A row error under
     on_bad_row/on_overlong=error is raised on every rank: the one of the first bad row, as one process
-    would raise it.
+    would raise it. (The example shown per skip reason is the lowest rank's first.)
     """
     from vlm_tune.data.sources import PreparedSplit, prepare_split
 
@@ -207,9 +207,16 @@ def generate_answers_sharded(
 
 
 def evaluate_rows(
-    model: Any, processor: Any, collator: Any, rows: Sequence[dict[str, Any]], cfg: Any, out: Any
+    model: Any,
+    processor: Any,
+    collator: Any,
+    rows: Sequence[dict[str, Any]],
+    cfg: Any,
+    out: Any,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Generate (sharded), score; rank 0 writes predictions.jsonl and metrics.json. Metrics on every rank."""
+    """Generate (sharded), score; rank 0 writes predictions.jsonl and metrics.json (+ extra). Metrics on
+    every rank."""
     from vlm_tune.evaluate import score, write_eval
     from vlm_tune.metrics import aggregate
 
@@ -218,8 +225,8 @@ def evaluate_rows(
     )
     records = score(rows, preds)
     if rank_and_world()[0] == 0:
-        return write_eval(out, records)
-    return aggregate(records)
+        return write_eval(out, records, extra)
+    return aggregate(records) | (extra or {})
 
 
 # ---------------------------------------------------------------------------------------------------------
