@@ -26,6 +26,7 @@ def main(cfg_path: str, bad_rows: str, out: str) -> None:
     from safetensors.torch import load_file
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from transformers.distributed.fsdp import is_fsdp_managed_module
 
     from vlm_tune.config import build_config, load_config
     from vlm_tune.data.collate import ChatCollator
@@ -117,6 +118,10 @@ def main(cfg_path: str, bad_rows: str, out: str) -> None:
         result["fsdp_full_empty"] = not full
     sharded = generate_answers_sharded(model, processor, collator, rows, 1, 4)
     result["fsdp_generate_equal"] = sharded == generate_answers(reference, processor, collator, rows, 1, 4)
+    # the model whose generate() runs steps every rank until all are done (a rank that meets its end
+    # token first keeps joining the others' all-gathers)
+    result["fsdp_synced"] = is_fsdp_managed_module(model.base_model.model)
+    result["plain_not_synced"] = not is_fsdp_managed_module(reference.base_model.model)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()
 

@@ -67,7 +67,7 @@ def test_two_processes_match_one(cache_dir, tmp_path):
         assert shared_err == single_err and "row train[2]" in shared_err
         assert r["order"]
         assert r["plain_equal"]
-        assert r["fsdp_generate_equal"]
+        assert r["fsdp_generate_equal"] and r["fsdp_synced"] and r["plain_not_synced"]
     assert r0["answers"] == r1["answers"] and len(set(r0["answers"])) > 1, "row-dependent answers"
     assert r0["fsdp_changed"] and r0["fsdp_full_equal"]
     assert r0["fsdp_saved_keys_equal"] and r0["fsdp_saved_equal"]
