@@ -57,6 +57,18 @@ def render_supervision(processor: Any, batch: dict[str, Any], b: int = 0) -> str
     return "".join(out)
 
 
+def selection_warning(cfg: Config) -> str | None:
+    """A warning when the best checkpoint is picked on the split that gives the final score."""
+    select = cfg.eval.select_split or cfg.data.eval_split
+    if not cfg.eval.every_steps or select != cfg.data.eval_split:
+        return None
+    return (
+        f"eval.select_split: the best checkpoint is picked on {select!r}, the split the final evaluation "
+        "(data.eval_split) reports, so that score is optimistic. Set eval.select_split to a validation "
+        "split (ChartQA: val)."
+    )
+
+
 def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     """Print the pre-flight report; return 1 if training would fail on this data, else 0."""
     console = Console()
@@ -66,6 +78,12 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     d = cfg.data
     ok = True
     console.print(f"[bold]vlm-tune check[/bold]  model {cfg.model.name_or_path}  data {d.source}")
+    warning = selection_warning(cfg)
+    if warning:
+        console.print(f"[yellow]warning: {warning}[/yellow]")
+    elif cfg.eval.every_steps and cfg.eval.select_split:
+        n = len(load_split(d, cfg.eval.select_split, cfg.model.cache_dir))
+        console.print(f"best checkpoint picked on {cfg.eval.select_split!r} ({n} rows in the source)")
     train_prepared = None
     for split, limit in (
         (d.train_split, d.max_train_samples),
@@ -74,7 +92,14 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
         rowset = load_split(d, split, cfg.model.cache_dir)
         # count every problem, whatever the configured policy, then judge against the policy
         prepared = prepare_split(
-            rowset, "skip", "skip", cfg.train.max_length, processor, collator, limit=limit
+            rowset,
+            "skip",
+            "skip",
+            cfg.train.max_length,
+            processor,
+            collator,
+            limit=limit,
+            progress=cfg.logging.progress,
         )
         console.print(f"\n[bold]{split}[/bold]: {len(rowset)} rows in the source; {prepared.summary()}")
         for reason, example in prepared.skipped_examples.items():

@@ -200,6 +200,11 @@ class EvalSection(Section):
         None, ge=1, description="Generate and score during training every N steps."
     )
     subset_size: int = Field(64, ge=1, description="Rows scored during training (fixed subset).")
+    select_split: str | None = Field(
+        None,
+        description="Split scored during training to pick the best checkpoint: a validation split (ChartQA: "
+        "val). None = data.eval_split, which makes the final score optimistic (`vlm-tune check` warns).",
+    )
     best_metric: Literal["exact_match", "relaxed_accuracy"] = Field(
         "exact_match", description="Metric that picks the best checkpoint during training."
     )

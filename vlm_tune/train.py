@@ -18,8 +18,9 @@ from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
 from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import ChatCollator
-from vlm_tune.data.sources import RowDataset, load_split, prepare_split
-from vlm_tune.evaluate import comparison_table, generate_answers, majority_answers, score, write_eval
+from vlm_tune.data.sources import RowDataset, load_split
+from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
+from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
 from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
 from vlm_tune.trainer import (
     CheckpointMarker,
@@ -54,10 +55,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     processor = load_processor(model_path, cfg)
     collator = ChatCollator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
 
-    # data: every row decoded and measured once, before any step
+    # data: every row decoded and measured once, before any step (rows split over the ranks)
     cache = cfg.model.cache_dir
     d = cfg.data
-    train_split = prepare_split(
+    bar = cfg.logging.progress and is_main
+    train_split = prepare_split_shared(
         load_split(d, d.train_split, cache),
         d.on_bad_row,
         d.on_overlong,
@@ -65,21 +67,23 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         processor,
         collator,
         limit=d.max_train_samples,
+        progress=bar,
     )
-    eval_split = prepare_split(
+    eval_split = prepare_split_shared(
         load_split(d, d.eval_split, cache),
         d.on_bad_row,
         d.on_overlong,
         None,
         limit=cfg.eval.limit or d.max_eval_samples,
+        progress=bar,
     )
     console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
     eval_rows = [eval_split.rowset.row(i) for i in eval_split.indices]
 
-    # baselines, scored before any training
+    # baselines, scored before any training (generation split over the ranks)
     model = load_model(model_path, cfg)
     results: dict[str, dict[str, Any]] = {}
-    if "untrained" in cfg.eval.baselines and checkpoint is None and is_main:
+    if "untrained" in cfg.eval.baselines and checkpoint is None:
         results["untrained"] = _evaluate(
             model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained"
         )
@@ -102,17 +106,9 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         callbacks.append(RichProgress(cfg.train.batch_size * cfg.train.gradient_accumulation_steps))
     gen_eval = None
     if cfg.eval.every_steps:
-        subset = eval_rows[: cfg.eval.subset_size]
+        subset = _selection_rows(cfg, eval_rows, bar)
         gen_eval = GenerationEval(
-            lambda m, step: write_eval(
-                run_dir / "eval" / "during",
-                score(
-                    subset,
-                    generate_answers(
-                        m, processor, collator, subset, cfg.eval.batch_size, cfg.eval.max_new_tokens
-                    ),
-                ),
-            ),
+            lambda m, step: evaluate_rows(m, processor, collator, subset, cfg, run_dir / "eval" / "during"),
             cfg.eval.every_steps,
             cfg.eval.best_metric,
             run_dir,
@@ -130,23 +126,28 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     )
     if cfg.logging.progress:
         trainer.remove_callback(PrinterCallback)  # the progress bar shows the same numbers
+    if gen_eval is not None:
+        gen_eval.log = trainer.log  # eval/<metric> in the trackers
+    check_fsdp_version(trainer, cfg)
 
     # train
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # save
     final_dir = run_dir / "final"
+    gathered = full_state_dict(trainer.model_wrapped)  # FSDP: the full adapter, from every rank's shard
     if trainer.is_world_process_zero():
-        save_final(trainer.model, processor, cfg, final_dir)
+        save_final(trainer.model, processor, cfg, final_dir, gathered)
         (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         plot_history(trainer.state.log_history, run_dir / "plots")
         shutil.rmtree(run_dir / "eval" / "during", ignore_errors=True)
 
-    # eval
-    if cfg.eval.at_end and trainer.is_world_process_zero():
+    # eval (generation split over the ranks; rank 0 writes and reports)
+    if cfg.eval.at_end:
         results["final"] = _evaluate(
             trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final"
         )
+    if cfg.eval.at_end and trainer.is_world_process_zero():
         for name in ("untrained", "majority"):
             if name not in results and (run_dir / "eval" / name / "metrics.json").is_file():
                 results[name] = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
@@ -173,15 +174,24 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         console.print(
             f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}"
         )
+    _finish_trackers(cfg)
     console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
     return run_dir
 
 
-def save_final(model: Any, processor: Any, cfg: Config, final_dir: Path) -> None:
-    """Adapter (or full weights) + processor + chat template + prompt contract + resolved config."""
+def save_final(
+    model: Any, processor: Any, cfg: Config, final_dir: Path, state_dict: dict | None = None
+) -> None:
+    """Adapter (or full weights) + processor + chat template + prompt contract + resolved config.
+
+    state_dict: the gathered full weights when the model is sharded (FSDP); else the model's own are saved.
+    """
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if state_dict is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict)
     processor.save_pretrained(tmp)
     (tmp / "README.md").unlink(missing_ok=True)  # peft's stub card; `vlm-tune push` writes the real one
     save_prompt(tmp, cfg.prompt.system, cfg.prompt.user_template)
@@ -194,8 +204,24 @@ def save_final(model: Any, processor: Any, cfg: Config, final_dir: Path) -> None
 def _evaluate(
     model: Any, processor: Any, collator: ChatCollator, rows: list[dict], cfg: Config, out: Path
 ) -> dict:
-    preds = generate_answers(model, processor, collator, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-    return write_eval(out, score(rows, preds))
+    return evaluate_rows(model, processor, collator, rows, cfg, out)
+
+
+def _selection_rows(cfg: Config, eval_rows: list[dict], progress: bool) -> list[dict]:
+    """The fixed subset scored during training: eval.subset_size rows of eval.select_split."""
+    select = cfg.eval.select_split or cfg.data.eval_split
+    if select == cfg.data.eval_split:
+        return eval_rows[: cfg.eval.subset_size]
+    d = cfg.data
+    prepared = prepare_split_shared(
+        load_split(d, select, cfg.model.cache_dir),
+        d.on_bad_row,
+        d.on_overlong,
+        None,
+        limit=cfg.eval.subset_size,
+        progress=progress,
+    )
+    return [prepared.rowset.row(i) for i in prepared.indices]
 
 
 def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:
@@ -225,3 +251,12 @@ def _setup_trackers(cfg: Config, run_dir: Path) -> None:
         os.environ.setdefault("WANDB_DIR", str(run_dir))
     if "tensorboard" in cfg.logging.report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+
+
+def _finish_trackers(cfg: Config) -> None:
+    """Close this run's W&B run (its offline file complete), so a second train() in the process is its own run."""
+    if "wandb" in cfg.logging.report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

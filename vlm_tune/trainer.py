@@ -20,6 +20,7 @@ from vlm_tune.data.collate import IGNORE_INDEX
 from vlm_tune.errors import UserError
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+BEST_FILE = "best_checkpoint.json"
 # keys that may change between a run and its resume; anything else makes the checkpoint incompatible
 RESUMABLE_CHANGES = {
     ("train", "max_steps"),
@@ -54,10 +55,67 @@ def prepare_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[P
             "or set run.output_dir=another/dir"
         )
     if has_run and overwrite:
+        check_removable_run_dir(run_dir)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir, None
+
+
+# what a run directory holds (training, eval, trackers, `vlm-tune push` and `merge`): --overwrite removes
+# a directory only when everything in it is one of these
+RUN_ENTRIES = {
+    "config.yaml",
+    "train_log.json",
+    BEST_FILE,
+    "report.html",
+    "README.md",
+    "final",
+    "final.tmp",
+    "merged",
+    "eval",
+    "plots",
+    "tensorboard",
+    "wandb",
+}
+
+
+def check_removable_run_dir(run_dir: Path) -> None:
+    """Raise UserError unless run_dir is a vlm-tune run directory that --overwrite may delete.
+
+    Refused: the current directory or one above it, the home folder or one above it, the filesystem root,
+    and any folder without a vlm-tune config.yaml or holding entries a run does not write.
+    """
+    path = run_dir.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if path in (cwd, home, Path(path.anchor)) or path in cwd.parents or path in home.parents:
+        raise UserError(
+            f"--overwrite refuses to delete {run_dir} ({path}): it is the current directory, the home folder, "
+            "or a folder above them. Set run.output_dir to a run's own folder, e.g. runs/NAME"
+        )
+    cfg_path = path / "config.yaml"
+    try:
+        saved = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    sections = set(Config.model_fields)
+    if not isinstance(saved, dict) or "run" not in saved or not set(saved) <= sections:
+        raise UserError(
+            f"--overwrite refuses to delete {run_dir}: it holds no vlm-tune run (no config.yaml written by "
+            "vlm-tune). Delete it yourself, or set run.output_dir to another folder"
+        )
+    foreign = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name not in RUN_ENTRIES
+        and not (p.name.startswith(("checkpoint-", "tmp-checkpoint-")) and p.is_dir())
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(
+            f"--overwrite refuses to delete {run_dir}: it holds files a vlm-tune run does not write ({shown}). "
+            "Move them out, or set run.output_dir to another folder"
+        )
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -292,12 +350,36 @@ class RichProgress(TrainerCallback):
 
 
 class GenerationEval(TrainerCallback):
-    """Every eval.every_steps: generate on a fixed subset, score, log, and keep the best checkpoint."""
+    """Every eval.every_steps: generate on a fixed subset, score, log, and keep the best checkpoint.
+
+    Scores reach the trackers (W&B, TensorBoard) as eval/<metric> at their step once `log` is set (to
+    Trainer.log). The best checkpoint and the history are written to RUN_DIR/best_checkpoint.json at each
+    eval; a resumed run starts from them (entries up to the resumed step whose checkpoint still exists),
+    so checkpoint rotation keeps protecting the earlier best.
+    """
 
     def __init__(self, run_eval: Any, every: int, metric: str, run_dir: Path) -> None:
         self.run_eval, self.every, self.metric, self.run_dir = run_eval, every, metric, run_dir
         self.history: list[dict[str, Any]] = []
         self.best: tuple[float, int] | None = None
+        self.log: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        path = self.run_dir / BEST_FILE
+        if not state.global_step or not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        self.history = [h for h in saved.get("history", []) if h["step"] <= state.global_step]
+        for entry in self.history:
+            if (Path(args.output_dir) / f"checkpoint-{entry['step']}" / COMPLETE_MARKER).is_file():
+                self._consider(entry, args, state)
+
+    def _consider(self, entry: dict[str, Any], args: Any, state: Any) -> None:
+        if self.best is None or entry[self.metric] > self.best[0]:
+            self.best = (entry[self.metric], entry["step"])
+            state.best_metric = entry[self.metric]
+            # Trainer's checkpoint rotation never deletes the best checkpoint
+            state.best_model_checkpoint = str(Path(args.output_dir) / f"checkpoint-{entry['step']}")
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step % self.every:
@@ -309,30 +391,35 @@ class GenerationEval(TrainerCallback):
             "relaxed_accuracy": metrics["relaxed_accuracy"],
         }
         self.history.append(entry)
-        state.log_history.append(
-            {f"eval_{k}": v for k, v in entry.items() if k != "step"} | {"step": state.global_step}
-        )
-        if self.best is None or entry[self.metric] > self.best[0]:
-            self.best = (entry[self.metric], state.global_step)
-            state.best_metric = entry[self.metric]
-            # Trainer's checkpoint rotation never deletes the best checkpoint
-            state.best_model_checkpoint = str(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        scores = {f"eval_{k}": v for k, v in entry.items() if k != "step"}
+        if self.log is not None:
+            self.log(scores)  # log_history, trackers (eval/<metric>), progress bar
+        else:
+            state.log_history.append(scores | {"step": state.global_step})
+        self._consider(entry, args, state)
+        if state.is_world_process_zero:
+            self._write()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.best is not None and state.is_world_process_zero:
-            (self.run_dir / "best_checkpoint.json").write_text(
-                json.dumps(
-                    {
-                        "metric": self.metric,
-                        "value": self.best[0],
-                        "step": self.best[1],
-                        "checkpoint": f"checkpoint-{self.best[1]}",
-                        "history": self.history,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+            self._write()
+
+    def _write(self) -> None:
+        if self.best is None:
+            return
+        text = json.dumps(
+            {
+                "metric": self.metric,
+                "value": self.best[0],
+                "step": self.best[1],
+                "checkpoint": f"checkpoint-{self.best[1]}",
+                "history": self.history,
+            },
+            indent=2,
+        )
+        tmp = self.run_dir / (BEST_FILE + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, self.run_dir / BEST_FILE)
 
 
 def resolve_workers(value: int | str, cuda: bool, cpus: int) -> int:

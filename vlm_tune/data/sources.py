@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,17 +453,25 @@ def prepare_split(
     collator: Any = None,
     limit: int | None = None,
     require_rows: bool = True,
+    indices: Iterable[int] | None = None,
+    progress: bool = False,
 ) -> PreparedSplit:
-    """Decode and check every row once (bad images, answers, token budget) before any training step."""
+    """Decode and check every row once (bad images, answers, token budget) before any training step.
+
+    Rows checked: `indices` (in order), else the first `limit` rows. progress: a bar over the rows.
+    A raised error carries `row_index`, the position of its row.
+    """
     from vlm_tune.data.collate import count_tokens
 
     prepared = PreparedSplit(rowset, [])
     n = len(rowset) if limit is None else min(limit, len(rowset))
-    for i in range(n):
+    todo = list(range(n) if indices is None else indices)
+    for i in _track(todo, f"pre-flight {rowset.name}", progress):
         try:
             row = rowset.row(i)
         except BadRow as err:
             if on_bad_row == "error":
+                err.row_index = i
                 raise
             prepared.skipped[err.reason] += 1
             prepared.skipped_examples.setdefault(err.reason, str(err).split(" (reason")[0])
@@ -471,11 +480,13 @@ def prepare_split(
             counts = count_tokens(processor, collator, row)
             if max_length is not None and counts["total"] > max_length:
                 if on_overlong == "error":
-                    raise UserError(
+                    err = UserError(
                         f"row {row['id']}: {counts['total']} tokens ({counts['image']} image tokens) is over "
                         f"train.max_length={max_length}. Rows are never truncated through image or answer tokens: "
                         "raise train.max_length, lower model.image.longest_edge, or set data.on_overlong=skip."
                     )
+                    err.row_index = i
+                    raise err
                 prepared.skipped["overlong"] += 1
                 prepared.skipped_examples.setdefault("overlong", f"row {row['id']}: {counts['total']} tokens")
                 continue
@@ -484,6 +495,27 @@ def prepare_split(
     if require_rows and not prepared.indices:
         raise UserError(f"{rowset.name}: no usable rows ({prepared.summary()})")
     return prepared
+
+
+def _track(items: list[int], label: str, enabled: bool) -> Iterator[int]:
+    """items, with a rich progress bar (rows done, rate, time left) while enabled."""
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeRemainingColumn(),
+        transient=False,
+    ) as bar:
+        task = bar.add_task(label, total=len(items))
+        for i in items:
+            yield i
+            bar.advance(task)
 
 
 class RowDataset:
