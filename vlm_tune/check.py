@@ -65,6 +65,16 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     d = cfg.data
     ok = True
     console.print(f"[bold]vlm-tune check[/bold]  model {cfg.model.name_or_path}  data {d.source}")
+    from vlm_tune.runtime import hardware, precision_problems, resolve_dtype
+
+    hw = hardware()
+    console.print(
+        f"device {'cuda:' + str(hw.local_rank) + ' (' + hw.name + ')' if hw.cuda else 'cpu'}, "
+        f"model.dtype {cfg.model.dtype} → {resolve_dtype(cfg.model.dtype, hw)}"
+    )
+    for problem in precision_problems(cfg.model.dtype, cfg.train.method, hw):
+        ok = False
+        console.print(f"  [red]{problem}[/red]", highlight=False)
     train_prepared = None
     for split, limit in (
         (d.train_split, d.max_train_samples),

@@ -17,9 +17,10 @@ from transformers import PrinterCallback, set_seed
 from vlm_tune.config import Config
 from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import ChatCollator
-from vlm_tune.data.sources import RowDataset, load_split, prepare_split
-from vlm_tune.evaluate import comparison_table, generate_answers, majority_answers, score, write_eval
+from vlm_tune.data.sources import LazyRows, RowDataset, load_split, prepare_split
+from vlm_tune.evaluate import comparison_table, evaluate, majority_answers, score, write_eval
 from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
+from vlm_tune.runtime import for_config
 from vlm_tune.trainer import (
     CheckpointMarker,
     GenerationEval,
@@ -37,6 +38,9 @@ console = Console(stderr=True)
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run one training job described by cfg; returns the run directory."""
     t_start = time.perf_counter()
+    rt = for_config(
+        cfg
+    )  # device + dtype for everything below; impossible precision fails here, before loading
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun/accelerate's
     with state.main_process_first():  # the main process creates RUN_DIR and writes config.yaml first
         if state.is_main_process:
@@ -73,10 +77,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         limit=cfg.eval.limit or d.max_eval_samples,
     )
     console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
-    eval_rows = [eval_split.rowset.row(i) for i in eval_split.indices]
+    eval_rows = LazyRows.of(eval_split)  # images decoded per generation batch, never all at once
 
     # baselines, scored before any training
-    model = load_model(model_path, cfg)
+    model = load_model(model_path, cfg, rt)
+    console.print(f"[vlm-tune] device {rt.device}, dtype {rt.dtype} (trainable weights float32)")
     results: dict[str, dict[str, Any]] = {}
     if "untrained" in cfg.eval.baselines and checkpoint is None and is_main:
         results["untrained"] = _evaluate(
@@ -84,8 +89,12 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         )
     if "majority" in cfg.eval.baselines and checkpoint is None and is_main:
         train_rows = [{"answers": [a], "type": t} for a, t in _answers_and_types(train_split)]
-        preds = majority_answers(train_rows, eval_rows)
-        results["majority"] = write_eval(run_dir / "eval" / "majority", score(eval_rows, preds))
+        t0 = time.perf_counter()
+        preds = majority_answers(train_rows, eval_rows.texts())
+        wall = time.perf_counter() - t0
+        run = {"device": None, "dtype": None, "rows": len(preds), "wall_s": round(wall, 3)}
+        run["answers_per_s"] = round(len(preds) / max(wall, 1e-9), 1)  # no model: device and dtype are null
+        results["majority"] = write_eval(run_dir / "eval" / "majority", score(eval_rows.texts(), preds), run)
 
     # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
     model = setup_training(model, cfg)
@@ -103,14 +112,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if cfg.eval.every_steps:
         subset = eval_rows[: cfg.eval.subset_size]
         gen_eval = GenerationEval(
-            lambda m, step: write_eval(
-                run_dir / "eval" / "during",
-                score(
-                    subset,
-                    generate_answers(
-                        m, processor, collator, subset, cfg.eval.batch_size, cfg.eval.max_new_tokens
-                    ),
-                ),
+            lambda m, step: _evaluate(
+                m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval"
             ),
             cfg.eval.every_steps,
             cfg.eval.best_metric,
@@ -157,12 +160,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         if base:
             from vlm_tune.report import write_report
 
-            images = {r["id"]: r["images"][0] for r in eval_rows}
             write_report(
                 run_dir / "report.html",
                 run_dir / "eval" / base,
                 run_dir / "eval" / "final",
-                images=images.get,
+                images=eval_rows.image_of(),  # each chart decoded when its row is written
                 title=f"{cfg.run.name}: {base} vs final",
             )
 
@@ -190,10 +192,19 @@ def save_final(model: Any, processor: Any, cfg: Config, final_dir: Path) -> None
 
 
 def _evaluate(
-    model: Any, processor: Any, collator: ChatCollator, rows: list[dict], cfg: Config, out: Path
+    model: Any, processor: Any, collator: ChatCollator, rows: Any, cfg: Config, out: Path, label: str = ""
 ) -> dict:
-    preds = generate_answers(model, processor, collator, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-    return write_eval(out, score(rows, preds))
+    label = label or f"eval {out.name}"
+    return evaluate(
+        model,
+        processor,
+        collator,
+        rows,
+        out,
+        cfg.eval.batch_size,
+        cfg.eval.max_new_tokens,
+        progress=label if cfg.logging.progress else None,
+    )
 
 
 def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:
