@@ -38,9 +38,8 @@ console = Console(stderr=True)
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run one training job described by cfg; returns the run directory."""
     t_start = time.perf_counter()
-    rt = for_config(
-        cfg
-    )  # device + dtype for everything below; impossible precision fails here, before loading
+    # device + dtype for everything below; an impossible precision fails here, before any loading
+    rt = for_config(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun/accelerate's
     with state.main_process_first():  # the main process creates RUN_DIR and writes config.yaml first
         if state.is_main_process:
