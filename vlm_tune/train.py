@@ -111,8 +111,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if cfg.eval.every_steps:
         subset = eval_rows[: cfg.eval.subset_size]
         gen_eval = GenerationEval(
-            lambda m, step: _evaluate(
-                m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval"
+            lambda m, step: _evaluate(  # eval/during/ keeps the latest in-training evaluation
+                m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval", {"step": step}
             ),
             cfg.eval.every_steps,
             cfg.eval.best_metric,
@@ -141,7 +141,6 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         save_final(trainer.model, processor, cfg, final_dir)
         (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         plot_history(trainer.state.log_history, run_dir / "plots")
-        shutil.rmtree(run_dir / "eval" / "during", ignore_errors=True)
 
     # eval
     if cfg.eval.at_end and trainer.is_world_process_zero():
@@ -191,7 +190,14 @@ def save_final(model: Any, processor: Any, cfg: Config, final_dir: Path) -> None
 
 
 def _evaluate(
-    model: Any, processor: Any, collator: ChatCollator, rows: Any, cfg: Config, out: Path, label: str = ""
+    model: Any,
+    processor: Any,
+    collator: ChatCollator,
+    rows: Any,
+    cfg: Config,
+    out: Path,
+    label: str = "",
+    extra: dict | None = None,
 ) -> dict:
     label = label or f"eval {out.name}"
     return evaluate(
@@ -202,6 +208,7 @@ def _evaluate(
         out,
         cfg.eval.batch_size,
         cfg.eval.max_new_tokens,
+        extra=extra,
         progress=label if cfg.logging.progress else None,
     )
 
