@@ -126,3 +126,17 @@ def test_bf16_lora_with_modules_to_save_trains_on_cpu(cache_dir, tmp_path):
     for name in ("untrained", "final"):
         m = json.loads((run / "eval" / name / "metrics.json").read_text())
         assert m["device"] == "cpu" and m["dtype"] == "bfloat16" and m["rows"] == 8
+
+
+def test_check_reports_precision_problems(cache_dir, tmp_path, monkeypatch, capsys):
+    """`vlm-tune check` on a T4 with model.dtype=bfloat16: the problem is printed and the check fails."""
+    import vlm_tune.runtime
+    from vlm_tune.check import run_check
+
+    monkeypatch.setattr(vlm_tune.runtime, "_DETECTED", T4)
+    assert run_check(tiny_cfg(cache_dir, tmp_path / "r", "model.dtype=bfloat16")) == 1
+    out = capsys.readouterr().out
+    assert "bfloat16 is not supported by this GPU (Tesla T4" in out and "FAIL" in out
+    monkeypatch.setattr(vlm_tune.runtime, "_DETECTED", CPU)
+    assert run_check(tiny_cfg(cache_dir, tmp_path / "r", "model.dtype=auto")) == 0
+    assert "model.dtype auto → float32" in capsys.readouterr().out
