@@ -31,14 +31,16 @@ else
 fi
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 [ "$DEVICE" = cpu ] && export CUDA_VISIBLE_DEVICES=""   # the product's own device decision then picks cpu
-vlm-tune() { "$PY" -m vlm_tune.cli "$@"; }   # the console script, without needing `pip install -e .`
+mkdir -p "$WORK/bin"   # the `vlm-tune` console script, without needing `pip install -e .`
+printf '#!/bin/sh\nexec "%s" -m vlm_tune.cli "$@"\n' "$PY" > "$WORK/bin/vlm-tune" && chmod +x "$WORK/bin/vlm-tune"
+export PATH="$WORK/bin:$PATH"
 
 STEPS="$OUT/steps.tsv"; : > "$STEPS"
-step() {  # step NAME CMD...: run, log to $OUT/NAME.log, record exit code and seconds
-  local name="$1"; shift
+step() {  # step NAME LIMIT_S CMD...: run (killed after LIMIT_S), log to $OUT/NAME.log, record exit code and seconds
+  local name="$1" limit="$2"; shift 2
   local t0=$SECONDS
   echo "== $name: $*" | tee -a "$OUT/commands.log"
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS"
   tail -n 12 "$OUT/$name.log"
@@ -50,7 +52,7 @@ RUN="$WORK/run"
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   SHAPE="$WORK/cache/shapes/smolvlm-256m"
-  step build_shape "$PY" -c "from vlm_tune.shapes import ensure_shape_model as e; e('smolvlm-256m', '$SHAPE', dtype='bfloat16', device='cuda')"
+  step build_shape 150 "$PY" -c "from vlm_tune.shapes import ensure_shape_model as e; e('smolvlm-256m', '$SHAPE', dtype='bfloat16', device='cuda')"
   cat > "$CFG" <<EOF
 # SmolVLM-256M shape (random weights, published architecture and processor), synthetic 512-px charts.
 # longest_edge 1024 = 2x2 tiles + global view = 320 image tokens per chart (the published 2048 gives 1088).
@@ -72,15 +74,24 @@ EOF
 fi
 
 ok=1
-step train vlm-tune train "$CFG" --overwrite || ok=0
-step eval vlm-tune eval "$CFG" --name cli || ok=0
+# every import the commands need (the machine's own packages + the carried wheels)
+"$PY" -c "
+import importlib.util
+mods = ['torch', 'transformers', 'peft', 'accelerate', 'datasets', 'trl', 'pydantic', 'yaml', 'rich', 'matplotlib']
+missing = [m for m in mods if importlib.util.find_spec(m) is None]
+import torch, transformers
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)
+print('missing:', missing or 'none', '| bitsandbytes:', importlib.util.find_spec('bitsandbytes') is not None)
+" 2>&1 | tee -a "$OUT/gpu.txt"
+step train 300 vlm-tune train "$CFG" --overwrite || ok=0
+step eval 150 vlm-tune eval "$CFG" --name cli || ok=0
 "$PY" -c "
 from vlm_tune.config import load_config
 from vlm_tune.data.sources import load_split
 cfg = load_config('$CFG')
 load_split(cfg.data, 'test', cfg.model.cache_dir).row(0)['images'][0].save('$WORK/chart.png')" || ok=0
-step predict vlm-tune predict --adapter "$RUN/final" --image "$WORK/chart.png" --question "How many bars are there?" --json || ok=0
-step merge vlm-tune merge "$RUN/final" "$RUN/merged" || ok=0
+step predict 120 vlm-tune predict --adapter "$RUN/final" --image "$WORK/chart.png" --question "How many bars are there?" --json || ok=0
+step merge 150 vlm-tune merge "$RUN/final" "$RUN/merged" || ok=0
 
 # every evaluation's metrics.json: a model evaluation must have run on the device
 "$PY" - "$RUN" "$DEVICE" "$STEPS" "$OUT/summary.json" "$ok" <<'EOF' || ok=0

@@ -56,7 +56,10 @@ def load_for_inference(
     rt = resolve(dtype or (saved.model.dtype if saved else "auto"), "qlora" if quantized else "lora")
     kwargs: dict[str, Any] = {"dtype": rt.torch_dtype}
     if quantized:
-        kwargs |= {"quantization_config": quantization_config(rt.torch_dtype), "device_map": {"": rt.device}}
+        kwargs |= {
+            "quantization_config": quantization_config(rt.torch_dtype),
+            "device_map": {"": str(rt.device)},
+        }
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
