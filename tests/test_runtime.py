@@ -1,5 +1,7 @@
 """The device/precision decision (vlm_tune.runtime): auto dtype, impossible combinations, fp32 trainable weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -140,3 +142,34 @@ def test_check_reports_precision_problems(cache_dir, tmp_path, monkeypatch, caps
     monkeypatch.setattr(vlm_tune.runtime, "_DETECTED", CPU)
     assert run_check(tiny_cfg(cache_dir, tmp_path / "r", "model.dtype=auto")) == 0
     assert "model.dtype auto → float32" in capsys.readouterr().out
+
+
+def test_every_path_asks_the_resolver(lora_run, tmp_path):
+    """eval and predict refuse an explicit dtype this machine cannot run (float16 on CPU) before loading."""
+    from vlm_tune.config import load_config
+    from vlm_tune.inference import load_for_inference, run_eval
+
+    with pytest.raises(ConfigError, match="float16 needs a CUDA GPU"):
+        run_eval(load_config(lora_run / "config.yaml", ["model.dtype=float16"]), name="x")
+    with pytest.raises(ConfigError, match="float16 needs a CUDA GPU"):
+        load_for_inference(lora_run / "final", "float16")
+    model, _, _ = load_for_inference(lora_run / "final")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_a_t4_run_merges_on_cpu(lora_run, tmp_path):
+    """An adapter saved with model.dtype float16 (a T4 run) loads here in this machine's auto dtype."""
+    import shutil
+
+    import yaml
+
+    from vlm_tune.inference import merge
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run / "final", adapter)
+    saved = yaml.safe_load((adapter / "config.yaml").read_text())
+    saved["model"]["dtype"] = "float16"
+    (adapter / "config.yaml").write_text(yaml.safe_dump(saved))
+    merged = merge(adapter, tmp_path / "merged")
+    assert (merged / "config.json").is_file()
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "float32"  # auto on CPU, not float16

@@ -38,13 +38,13 @@ def load_for_inference(
     """(model with adapter, processor, prompt contract) from an adapter directory written by vlm-tune.
 
     The model is on the runtime's device (`vlm_tune.runtime`) in `dtype` (default: the run's model.dtype from
-    the saved config.yaml, else auto). A QLoRA adapter gets the 4-bit base it was trained on, except
+    the saved config.yaml where this machine can run it, else auto; an explicit dtype must run here). A QLoRA adapter gets the 4-bit base it was trained on, except
     `for_merge` (merging needs the unquantized weights).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlm_tune.model import quantization_config
-    from vlm_tune.runtime import resolve
+    from vlm_tune.runtime import hardware, precision_problems, resolve
 
     path = _resolve_adapter(str(adapter))
     prompt = load_prompt(path)
@@ -53,7 +53,12 @@ def load_for_inference(
     processor = AutoProcessor.from_pretrained(path)
     saved = _apply_saved_image_settings(processor, path)
     quantized = saved is not None and saved.train.method == "qlora" and not for_merge
-    rt = resolve(dtype or (saved.model.dtype if saved else "auto"), "qlora" if quantized else "lora")
+    method = "qlora" if quantized else "lora"
+    if dtype is None:  # the run's dtype where this machine can run it (a T4's float16 on a CPU: auto instead)
+        dtype = saved.model.dtype if saved else "auto"
+        if precision_problems(dtype, method, hardware()):
+            dtype = "auto"
+    rt = resolve(dtype, method)
     kwargs: dict[str, Any] = {"dtype": rt.torch_dtype}
     if quantized:
         kwargs |= {
