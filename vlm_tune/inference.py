@@ -38,8 +38,8 @@ def load_for_inference(
     """(model with adapter, processor, prompt contract) from an adapter directory written by vlm-tune.
 
     The model is on the runtime's device (`vlm_tune.runtime`) in `dtype` (default: the run's model.dtype from
-    the saved config.yaml where this machine can run it, else auto; an explicit dtype must run here). A QLoRA adapter gets the 4-bit base it was trained on, except
-    `for_merge` (merging needs the unquantized weights).
+    the saved config.yaml where this machine can run it, else auto; an explicit dtype must run here). A QLoRA
+    adapter gets the 4-bit base it was trained on, except `for_merge` (merging needs the unquantized weights).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

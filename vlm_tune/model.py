@@ -114,9 +114,8 @@ def load_model(path: str, cfg: Config, rt: Runtime | None = None) -> Any:
     quantized = cfg.train.method == "qlora"
     if quantized:
         kwargs["quantization_config"] = quantization_config(rt.torch_dtype)
-        kwargs["device_map"] = {
-            "": str(rt.device)
-        }  # 4-bit weights are placed while loading, never moved after
+        # 4-bit weights are placed on the device while loading and never moved after
+        kwargs["device_map"] = {"": str(rt.device)}
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except OSError as err:
