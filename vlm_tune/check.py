@@ -84,6 +84,16 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     elif cfg.eval.every_steps and cfg.eval.select_split:
         n = len(load_split(d, cfg.eval.select_split, cfg.model.cache_dir))
         console.print(f"best checkpoint picked on {cfg.eval.select_split!r} ({n} rows in the source)")
+    from vlm_tune.runtime import hardware, precision_problems, resolve_dtype
+
+    hw = hardware()
+    console.print(
+        f"device {'cuda:' + str(hw.local_rank) + ' (' + hw.name + ')' if hw.cuda else 'cpu'}, "
+        f"model.dtype {cfg.model.dtype} → {resolve_dtype(cfg.model.dtype, hw)}"
+    )
+    for problem in precision_problems(cfg.model.dtype, cfg.train.method, hw):
+        ok = False
+        console.print(f"  [red]{problem}[/red]", highlight=False)
     train_prepared = None
     for split, limit in (
         (d.train_split, d.max_train_samples),

@@ -65,8 +65,10 @@ class ModelSection(Section):
         description="Hub id, local directory, or 'builtin:tiny' (offline tiny SmolVLM, built on demand).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights/compute dtype. bfloat16 halves memory on GPUs that support it."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Base weights/compute dtype (trainable weights stay float32). auto: bfloat16 on GPUs "
+        "that support it, float16 on older ones (T4, V100), float32 on CPU.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa is fast everywhere, flash_attention_2 needs the package."
@@ -369,12 +371,6 @@ def cross_field_problems(cfg: Config) -> list[str]:
     problems += template_problems(cfg.prompt.user_template)
     if cfg.hub.push_on_end and not cfg.hub.repo_id:
         problems.append("hub.push_on_end: true needs hub.repo_id (ORG/NAME or a local directory)")
-    if (
-        cfg.train.method == "qlora"
-        and cfg.model.dtype == "float16"
-        and cfg.model.name_or_path == BUILTIN_TINY
-    ):
-        problems.append("model.dtype: float16 QLoRA on CPU is not supported; use float32 or bfloat16")
     if cfg.train.method == "full" and cfg.lora.modules_to_save:
         problems.append("lora.modules_to_save: only used with train.method lora/qlora; remove it for full")
     if isinstance(cfg.lora.targets, list):

@@ -174,15 +174,23 @@ def generate_answers_sharded(
     rows: Sequence[dict[str, Any]],
     batch_size: int,
     max_new_tokens: int,
+    progress: str | None = None,
 ) -> list[str]:
-    """`evaluate.generate_answers` with the rows split over all ranks; same answers, in row order, on every rank."""
+    """`evaluate.generate_answers` with the rows split over all ranks; same answers, in row order, on every rank.
+
+    A progress bar (when asked) is shown by rank 0 only, over its share of the rows.
+    """
     from vlm_tune.evaluate import generate_answers
 
-    fsdp = rank_and_world()[1] > 1 and is_fsdp(model)
+    rank, world = rank_and_world()
+    bar = progress if rank == 0 else None
+
+    def run(part: Sequence[dict[str, Any]]) -> list[str]:
+        return generate_answers(model, processor, collator, part, batch_size, max_new_tokens, bar)
+
+    fsdp = world > 1 and is_fsdp(model)
     if not fsdp:
-        return sharded_map(
-            lambda part: generate_answers(model, processor, collator, part, batch_size, max_new_tokens), rows
-        )
+        return sharded_map(run, rows)
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -196,11 +204,7 @@ def generate_answers_sharded(
     for m in units:
         m.unshard()
     try:
-        return sharded_map(
-            lambda part: generate_answers(model, processor, collator, part, batch_size, max_new_tokens),
-            rows,
-            pad=True,
-        )
+        return sharded_map(run, rows, pad=True)
     finally:
         for m in units:
             m.reshard()
@@ -214,19 +218,25 @@ def evaluate_rows(
     cfg: Any,
     out: Any,
     extra: dict[str, Any] | None = None,
+    progress: str | None = None,
 ) -> dict[str, Any]:
-    """Generate (sharded), score; rank 0 writes predictions.jsonl and metrics.json (+ extra). Metrics on
-    every rank."""
-    from vlm_tune.evaluate import score, write_eval
-    from vlm_tune.metrics import aggregate
+    """`evaluate.evaluate` with generation sharded over the ranks; rank 0 writes predictions.jsonl and
+    metrics.json; every rank gets the metrics."""
+    from vlm_tune.evaluate import evaluate
 
-    preds = generate_answers_sharded(
-        model, processor, collator, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens
+    return evaluate(
+        model,
+        processor,
+        collator,
+        rows,
+        out,
+        cfg.eval.batch_size,
+        cfg.eval.max_new_tokens,
+        extra=extra,
+        progress=progress,
+        generate=generate_answers_sharded,
+        write=rank_and_world()[0] == 0,
     )
-    records = score(rows, preds)
-    if rank_and_world()[0] == 0:
-        return write_eval(out, records, extra)
-    return aggregate(records) | (extra or {})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,37 +36,130 @@ def generate_answers(
     rows: Sequence[dict[str, Any]],
     batch_size: int = 16,
     max_new_tokens: int = 16,
+    progress: str | None = None,
 ) -> list[str]:
-    """Greedy answers for rows, batch_size at a time (left padding, KV cache)."""
+    """Greedy answers for rows, batch_size at a time (left padding, KV cache).
+
+    `rows` is any indexable sequence; only one batch of rows (and so of images) is taken at a time, so a lazy
+    sequence (`LazyRows`) holds one batch of decoded images. Batches go to the model's device and run under
+    autocast in its compute dtype (float32 trainable weights beside a half-precision base). `progress`: a
+    label for a progress bar with answers/s (None: no bar).
+    """
+    from vlm_tune.runtime import autocast, compute_dtype, model_device
+
     was_training = model.training
     model.eval()
     tok = processor.tokenizer
     eos = [tok.convert_tokens_to_ids(collator.eot)]
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    device = next(model.parameters()).device
+    dtype = compute_dtype(model)
+    device = model_device(model)
     answers: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        batch = collator.generation_batch(rows[start : start + batch_size])
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if "pixel_values" in batch and dtype in (torch.bfloat16, torch.float16):
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=eos,
-            pad_token_id=tok.pad_token_id,
-        )
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        for ids in new_tokens:
-            answers.append(clean_generation(tok.decode(ids, skip_special_tokens=False)))
+    bar = _progress(progress, len(rows))
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+            batch = collator.generation_batch(chunk)
+            del chunk  # the decoded images live only as long as this batch
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            if "pixel_values" in batch and dtype in (torch.bfloat16, torch.float16):
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            with autocast(device, dtype):
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    use_cache=True,
+                    eos_token_id=eos,
+                    pad_token_id=tok.pad_token_id,
+                )
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            for ids in new_tokens:
+                answers.append(clean_generation(tok.decode(ids, skip_special_tokens=False)))
+            if bar is not None:
+                bar.advance(len(new_tokens))
+    finally:
+        if bar is not None:
+            bar.stop()
     if was_training:
         model.train()
     return answers
+
+
+class _Bar:
+    """A rich progress bar on stderr: answers done, answers/s, time left."""
+
+    def __init__(self, label: str, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self.task = self.progress.add_task(label, total=total, rate="")
+        self.progress.start()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(self.task, advance=n, rate=f"{rate:.2f} answers/s")
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _progress(label: str | None, total: int) -> _Bar | None:
+    return _Bar(label, total) if label and total else None
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    collator: ChatCollator,
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | Path,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    extra: dict[str, Any] | None = None,
+    progress: str | None = None,
+    generate: Any = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Generate, score and write one evaluation; metrics.json records where and how fast it ran.
+
+    Adds device, dtype (the compute dtype), rows, wall_s (generation) and answers_per_s. Rows without images
+    are read for scoring when `rows` is lazy (`texts()`), so no image outlives its generation batch.
+    `generate` replaces `generate_answers` (same signature: the sharded one under several processes);
+    write=False returns the metrics without writing files (ranks other than 0).
+    """
+    from vlm_tune.runtime import compute_dtype, dtype_name, model_device
+
+    t0 = time.perf_counter()
+    preds = (generate or generate_answers)(
+        model, processor, collator, rows, batch_size, max_new_tokens, progress
+    )
+    wall = time.perf_counter() - t0
+    texts = rows.texts() if hasattr(rows, "texts") else rows
+    run = {
+        "device": str(model_device(model)),
+        "dtype": dtype_name(compute_dtype(model)),
+        "rows": len(preds),
+        "wall_s": round(wall, 3),
+        "answers_per_s": round(len(preds) / max(wall, 1e-9), 3),
+    }
+    records = score(texts, preds)
+    if not write:
+        return aggregate(records) | run | (extra or {})
+    return write_eval(out_dir, records, extra=run | (extra or {}))
 
 
 def score(rows: Sequence[dict[str, Any]], predictions: Sequence[str]) -> list[dict[str, Any]]:

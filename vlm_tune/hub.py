@@ -21,6 +21,7 @@ import filecmp
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -440,12 +441,33 @@ def _push_local(files: dict[str, Path], target: Path) -> str:
     if target.exists() and not target.is_dir():
         raise UserError(f"{target} exists and is not a directory; choose another --repo-id")
     target.mkdir(parents=True, exist_ok=True)
-    for rel, src in files.items():
-        dst = target / rel
-        if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
-            continue  # identical: leave it alone (an unchanged re-push changes nothing)
-        _write_atomic(dst, src.read_bytes())
+    with _bytes_progress("push", files) as advance:
+        for rel, src in files.items():
+            dst = target / rel
+            # identical files are left alone (an unchanged re-push changes nothing)
+            if not (dst.is_file() and filecmp.cmp(src, dst, shallow=False)):
+                _write_atomic(dst, src.read_bytes())
+            advance(src.stat().st_size)
     return str(target)
+
+
+@contextlib.contextmanager
+def _bytes_progress(label: str, files: dict[str, Path]) -> Any:
+    """A progress bar (stderr) over the files' bytes; yields advance(n_bytes)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    total = sum(p.stat().st_size for p in files.values())
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn(f"{len(files)} files"),
+        console=Console(stderr=True),
+    ) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 def _resolve_token(token: str | None) -> str:
@@ -592,6 +614,8 @@ def push(
     operations = [
         CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files.items()
     ]
+    size = sum(p.stat().st_size for p in files.values())
+    print(f"[vlm-tune] pushing {len(files)} files ({size / 2**20:.1f} MB) to {repo_id}", file=sys.stderr)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":

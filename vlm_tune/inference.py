@@ -33,29 +33,55 @@ def _resolve_adapter(adapter: str) -> Path:
         ) from None
 
 
-def load_for_inference(adapter: str | Path, dtype: str = "float32") -> tuple[Any, Any, dict[str, Any]]:
-    """(model with adapter, processor, prompt contract) from an adapter directory written by vlm-tune."""
+def load_for_inference(
+    adapter: str | Path, dtype: str | None = None, for_merge: bool = False
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(model with adapter, processor, prompt contract) from an adapter directory written by vlm-tune.
+
+    The model is on the runtime's device (`vlm_tune.runtime`) in `dtype` (default: the run's model.dtype from
+    the saved config.yaml where this machine can run it, else auto; an explicit dtype must run here). A QLoRA
+    adapter gets the 4-bit base it was trained on, except `for_merge` (merging needs the unquantized weights).
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_tune.model import DTYPES
+    from vlm_tune.model import quantization_config
+    from vlm_tune.runtime import hardware, precision_problems, resolve
 
     path = _resolve_adapter(str(adapter))
     prompt = load_prompt(path)
     if prompt is None:
         raise UserError(f"{path}: no prompt.json; this is not an adapter directory written by vlm-tune")
     processor = AutoProcessor.from_pretrained(path)
-    _apply_saved_image_settings(processor, path)
+    saved = _apply_saved_image_settings(processor, path)
+    quantized = saved is not None and saved.train.method == "qlora" and not for_merge
+    method = "qlora" if quantized else "lora"
+    if dtype is None:  # the run's dtype where this machine can run it (a T4's float16 on a CPU: auto instead)
+        dtype = saved.model.dtype if saved else "auto"
+        if precision_problems(dtype, method, hardware()):
+            dtype = "auto"
+    rt = resolve(dtype, method)
+    kwargs: dict[str, Any] = {"dtype": rt.torch_dtype}
+    if quantized:
+        from vlm_tune.quiet import four_bit_in_use
+
+        four_bit_in_use()
+        kwargs |= {
+            "quantization_config": quantization_config(rt.torch_dtype),
+            "device_map": {"": str(rt.device)},
+        }
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base_id = _check_base_available(path)
         try:
-            base = AutoModelForImageTextToText.from_pretrained(base_id, dtype=DTYPES[dtype])
+            base = AutoModelForImageTextToText.from_pretrained(base_id, **kwargs)
         except OSError as err:
             raise UserError(f"{path}: base model {base_id!r} could not be loaded: {err}") from None
         model = PeftModel.from_pretrained(base, path)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if not quantized:
+        model = model.to(rt.device)
     model.eval()
     return model, processor, prompt
 
@@ -77,15 +103,19 @@ def _check_base_available(adapter_dir: Path) -> str:
     return base_id
 
 
-def _apply_saved_image_settings(processor: Any, path: Path) -> None:
-    """The run's model.image settings (saved in config.yaml next to the adapter) reach the processor."""
+def _apply_saved_image_settings(processor: Any, path: Path) -> Config | None:
+    """The run's model.image settings (saved in config.yaml next to the adapter) reach the processor.
+
+    Returns that config (None when the directory has none)."""
     cfg_path = path / "config.yaml"
     if not cfg_path.is_file():
-        return
+        return None
     from vlm_tune.config import load_config
     from vlm_tune.model import apply_image_settings
 
-    apply_image_settings(processor, load_config(cfg_path))
+    cfg = load_config(cfg_path)
+    apply_image_settings(processor, cfg)
+    return cfg
 
 
 def run_eval(
@@ -97,15 +127,17 @@ def run_eval(
     name: str | None = None,
 ) -> dict[str, Any]:
     """`vlm-tune eval`: score the adapter (default RUN_DIR/final) or the base model on a split."""
-    from vlm_tune.data.sources import load_split, prepare_split
-    from vlm_tune.evaluate import generate_answers, score, write_eval
+    from vlm_tune.data.sources import LazyRows, load_split, prepare_split
+    from vlm_tune.evaluate import evaluate
     from vlm_tune.model import load_model, load_processor, resolve_model_path
+    from vlm_tune.runtime import for_config
 
     run_dir = Path(cfg.run.output_dir)
+    rt = for_config(cfg)  # precision problems fail here, before any loading
     if base:
         model_path = resolve_model_path(cfg)
         processor = load_processor(model_path, cfg)
-        model = load_model(model_path, cfg)
+        model = load_model(model_path, cfg, rt)
         system, template = cfg.prompt.system, cfg.prompt.user_template
     else:
         adapter = adapter or str(run_dir / "final")
@@ -121,10 +153,18 @@ def run_eval(
         "skip",
         limit=limit or cfg.eval.limit,
     )
-    rows = [prepared.rowset.row(i) for i in prepared.indices]
-    preds = generate_answers(model, processor, collator, rows, cfg.eval.batch_size, cfg.eval.max_new_tokens)
     out = run_dir / "eval" / (name or ("base" if base else "final"))
-    return write_eval(out, score(rows, preds), extra={"split": split, "skipped": dict(prepared.skipped)})
+    return evaluate(
+        model,
+        processor,
+        collator,
+        LazyRows.of(prepared),  # images decoded per generation batch
+        out,
+        cfg.eval.batch_size,
+        cfg.eval.max_new_tokens,
+        extra={"split": split, "skipped": dict(prepared.skipped)},
+        progress=f"eval {out.name}" if cfg.logging.progress else None,
+    )
 
 
 def predict(
@@ -204,7 +244,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         raise UserError(
             f"{adapter_dir}: no adapter_config.json; pass a LoRA adapter directory (RUN_DIR/final)"
         )
-    model, processor, _ = load_for_inference(adapter_dir)
+    model, processor, _ = load_for_inference(adapter_dir, for_merge=True)  # on the runtime's device
     merged = model.merge_and_unload()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

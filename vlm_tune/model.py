@@ -17,6 +17,7 @@ import torch
 
 from vlm_tune.config import BUILTIN_TINY, Config
 from vlm_tune.errors import UserError
+from vlm_tune.runtime import DTYPES, Runtime, cast_trainable_to_fp32, for_config  # noqa: F401 (DTYPES: scripts)
 
 TARGET_PRESETS = {
     "decoder": r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
@@ -24,7 +25,6 @@ TARGET_PRESETS = {
     "vision": r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
 }
 VISION_MODULE = "model.vision_model"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def lora_target_regex(targets: list[str] | str) -> str:
@@ -90,40 +90,52 @@ def apply_image_settings(processor: Any, cfg: Config) -> None:
         ip.do_image_splitting = img.do_image_splitting
 
 
-def load_model(path: str, cfg: Config) -> Any:
-    """The base model in the configured dtype; 4-bit NF4 for qlora."""
+def quantization_config(compute_dtype: torch.dtype) -> Any:
+    """4-bit NF4 (double quantization) for the decoder; vision tower, projector and head stay unquantized."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+        # small layers break the CPU 4-bit path
+        llm_int8_skip_modules=[VISION_MODULE, "model.connector", "lm_head"],
+    )
+
+
+def load_model(path: str, cfg: Config, rt: Runtime | None = None) -> Any:
+    """The base model in the resolved dtype, on the runtime's device; 4-bit NF4 for qlora."""
     from transformers import AutoModelForImageTextToText
 
-    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.model.dtype], "revision": cfg.model.revision}
+    rt = rt or for_config(cfg)
+    kwargs: dict[str, Any] = {"dtype": rt.torch_dtype, "revision": cfg.model.revision}
     kwargs["attn_implementation"] = cfg.model.attn_implementation
-    if cfg.train.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
+    quantized = cfg.train.method == "qlora"
+    if quantized:
         from vlm_tune.quiet import four_bit_in_use
 
         four_bit_in_use()
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=DTYPES[cfg.model.dtype],
-            bnb_4bit_use_double_quant=True,
-            # vision tower, projector and head stay unquantized (small layers break the CPU 4-bit path)
-            llm_int8_skip_modules=[VISION_MODULE, "model.connector", "lm_head"],
-        )
+        kwargs["quantization_config"] = quantization_config(rt.torch_dtype)
+        # 4-bit weights are placed on the device while loading and never moved after
+        kwargs["device_map"] = {"": str(rt.device)}
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except OSError as err:
         raise UserError(f"model {path!r} could not be loaded: {err}") from None
-    return model
+    return model if quantized else model.to(rt.device)
 
 
 def setup_training(model: Any, cfg: Config) -> Any:
-    """Freeze/unfreeze by method; wrap in LoRA when asked; checkpointing if asked. Returns the model to train."""
+    """Freeze/unfreeze by method; wrap in LoRA when asked; checkpointing if asked. Returns the model to train.
+
+    Trainable parameters become float32 whatever model.dtype is (autocast runs the matmuls in the base dtype).
+    """
     method = cfg.train.method
     if method == "full":
         for name, p in model.named_parameters():
             p.requires_grad = cfg.model.train_vision or not name.startswith(VISION_MODULE)
+        cast_trainable_to_fp32(model)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         return model
@@ -148,6 +160,7 @@ def setup_training(model: Any, cfg: Config) -> Any:
         peft_model = get_peft_model(model, lora)
     except ValueError as err:
         raise UserError(f"lora.targets {targets!r} matched no module: {err}") from None
+    cast_trainable_to_fp32(peft_model)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
     return peft_model

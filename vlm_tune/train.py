@@ -18,10 +18,11 @@ from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
 from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import ChatCollator
-from vlm_tune.data.sources import RowDataset, load_split
+from vlm_tune.data.sources import LazyRows, RowDataset, load_split
 from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
 from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
 from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
+from vlm_tune.runtime import for_config
 from vlm_tune.trainer import (
     CheckpointMarker,
     GenerationEval,
@@ -39,6 +40,8 @@ console = Console(stderr=True)
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run one training job described by cfg; returns the run directory."""
     t_start = time.perf_counter()
+    # device + dtype for everything below; an impossible precision fails here, before any loading
+    rt = for_config(cfg)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun/accelerate's
     with state.main_process_first():  # the main process creates RUN_DIR and writes config.yaml first
         if state.is_main_process:
@@ -78,10 +81,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         progress=bar,
     )
     console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
-    eval_rows = [eval_split.rowset.row(i) for i in eval_split.indices]
+    eval_rows = LazyRows.of(eval_split)  # images decoded per generation batch, never all at once
 
     # baselines, scored before any training (generation split over the ranks)
-    model = load_model(model_path, cfg)
+    model = load_model(model_path, cfg, rt)
+    console.print(f"[vlm-tune] device {rt.device}, dtype {rt.dtype} (trainable weights float32)")
     results: dict[str, dict[str, Any]] = {}
     if "untrained" in cfg.eval.baselines and checkpoint is None:
         results["untrained"] = _evaluate(
@@ -89,8 +93,12 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         )
     if "majority" in cfg.eval.baselines and checkpoint is None and is_main:
         train_rows = [{"answers": [a], "type": t} for a, t in _answers_and_types(train_split)]
-        preds = majority_answers(train_rows, eval_rows)
-        results["majority"] = write_eval(run_dir / "eval" / "majority", score(eval_rows, preds))
+        t0 = time.perf_counter()
+        preds = majority_answers(train_rows, eval_rows.texts())
+        wall = time.perf_counter() - t0
+        run = {"device": None, "dtype": None, "rows": len(preds), "wall_s": round(wall, 3)}
+        run["answers_per_s"] = round(len(preds) / max(wall, 1e-9), 1)  # no model: device and dtype are null
+        results["majority"] = write_eval(run_dir / "eval" / "majority", score(eval_rows.texts(), preds), run)
 
     # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
     model = setup_training(model, cfg)
@@ -108,7 +116,9 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if cfg.eval.every_steps:
         subset = _selection_rows(cfg, eval_rows, bar)
         gen_eval = GenerationEval(
-            lambda m, step: evaluate_rows(m, processor, collator, subset, cfg, run_dir / "eval" / "during"),
+            lambda m, step: _evaluate(  # eval/during/ keeps the latest in-training evaluation
+                m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval", {"step": step}
+            ),
             cfg.eval.every_steps,
             cfg.eval.best_metric,
             run_dir,
@@ -140,7 +150,6 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         save_final(trainer.model, processor, cfg, final_dir, gathered)
         (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         plot_history(trainer.state.log_history, run_dir / "plots")
-        shutil.rmtree(run_dir / "eval" / "during", ignore_errors=True)
 
     # eval (generation split over the ranks; rank 0 writes and reports)
     if cfg.eval.at_end:
@@ -159,12 +168,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         if base:
             from vlm_tune.report import write_report
 
-            images = {r["id"]: r["images"][0] for r in eval_rows}
             write_report(
                 run_dir / "report.html",
                 run_dir / "eval" / base,
                 run_dir / "eval" / "final",
-                images=images.get,
+                images=eval_rows.image_of(),  # each chart decoded when its row is written
                 title=f"{cfg.run.name}: {base} vs final",
             )
 
@@ -202,12 +210,22 @@ def save_final(
 
 
 def _evaluate(
-    model: Any, processor: Any, collator: ChatCollator, rows: list[dict], cfg: Config, out: Path
+    model: Any,
+    processor: Any,
+    collator: ChatCollator,
+    rows: Any,
+    cfg: Config,
+    out: Path,
+    label: str = "",
+    extra: dict | None = None,
 ) -> dict:
-    return evaluate_rows(model, processor, collator, rows, cfg, out)
+    label = label or f"eval {out.name}"
+    return evaluate_rows(
+        model, processor, collator, rows, cfg, out, extra, label if cfg.logging.progress else None
+    )
 
 
-def _selection_rows(cfg: Config, eval_rows: list[dict], progress: bool) -> list[dict]:
+def _selection_rows(cfg: Config, eval_rows: LazyRows, progress: bool) -> LazyRows:
     """The fixed subset scored during training: eval.subset_size rows of eval.select_split."""
     select = cfg.eval.select_split or cfg.data.eval_split
     if select == cfg.data.eval_split:
@@ -221,7 +239,7 @@ def _selection_rows(cfg: Config, eval_rows: list[dict], progress: bool) -> list[
         limit=cfg.eval.subset_size,
         progress=progress,
     )
-    return [prepared.rowset.row(i) for i in prepared.indices]
+    return LazyRows.of(prepared)
 
 
 def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:

@@ -437,8 +437,11 @@ def training_arguments(cfg: Config, run_dir: Path) -> Any:
     """Config → transformers TrainingArguments."""
     from transformers import TrainingArguments
 
+    from vlm_tune.runtime import for_config
+
     t = cfg.train
-    use_cuda = torch.cuda.is_available()
+    rt = for_config(cfg)  # device and autocast flags: the same decision the model was loaded with
+    use_cuda = not rt.use_cpu
     report_to = [] if cfg.logging.report_to == ["none"] else list(cfg.logging.report_to)
     return TrainingArguments(
         output_dir=str(run_dir),
@@ -457,14 +460,14 @@ def training_arguments(cfg: Config, run_dir: Path) -> Any:
         save_total_limit=t.save_total_limit,
         seed=cfg.run.seed,
         data_seed=cfg.run.seed,
-        bf16=cfg.model.dtype == "bfloat16" and use_cuda,
-        fp16=cfg.model.dtype == "float16" and use_cuda,
+        bf16=rt.bf16,
+        fp16=rt.fp16,
         dataloader_num_workers=resolve_workers(t.dataloader_num_workers, use_cuda, os.cpu_count() or 1),
         remove_unused_columns=False,
         report_to=report_to,
         run_name=cfg.run.name,
         disable_tqdm=True,
-        use_cpu=not use_cuda,
+        use_cpu=rt.use_cpu,
         ddp_find_unused_parameters=False,
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,7 +263,8 @@ class RowSet:
         col = self.columns.get("id")
         return str(raw[col]) if col and raw.get(col) is not None else f"{self.name}[{i}]"
 
-    def row(self, i: int) -> dict[str, Any]:
+    def row(self, i: int, images: bool = True) -> dict[str, Any]:
+        """Row i; images=False leaves images undecoded (no "images" key) for scoring and reports."""
         raw = self.dataset[i]
         rid = self.row_id(i, raw)
         cols = self.columns
@@ -274,25 +275,29 @@ class RowSet:
             out["messages"] = messages
             n_slots = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
             given = raw.get(image_col) if image_col else None
-            images = (
+            decoded = (
                 expand_images(given, self.base_dir, self.max_frames, rid, image_col)
-                if given not in (None, "", [])
+                if images and given not in (None, "", [])
                 else []
             )
-            if len(images) != n_slots:
+            if images and len(decoded) != n_slots:
                 raise BadRow(
                     "image_count_mismatch",
                     rid,
                     image_col,
                     f"messages have {n_slots} image slot(s) (<image> placeholders or image parts) but the row "
-                    f"gives {len(images)} image(s)",
+                    f"gives {len(decoded)} image(s)",
                 )
-            out["images"] = images
+            if images:
+                out["images"] = decoded
             users = [m for m in messages if m["role"] == "user"]
             out["question"] = _text_of(users[-1]) if users else ""
             out["answers"] = [_text_of(messages[-1])]
         else:
-            out["images"] = expand_images(raw.get(image_col), self.base_dir, self.max_frames, rid, image_col)
+            if images:
+                out["images"] = expand_images(
+                    raw.get(image_col), self.base_dir, self.max_frames, rid, image_col
+                )
             question = raw.get(cols["question"])
             if not isinstance(question, str) or not question.strip():
                 raise BadRow(
@@ -530,3 +535,44 @@ class RowDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.rowset.row(self.indices[i])
+
+
+class LazyRows(Sequence):
+    """Rows of a prepared split, images decoded only when a row is taken (one generation batch at a time).
+
+    `rows[i]` decodes row i's images; `rows[a:b]` (or any slice) is another LazyRows, nothing decoded;
+    `rows.texts()` holds the rows without images (id, question, answers, type, split) for scoring.
+    """
+
+    def __init__(self, rowset: RowSet, indices: list[int]) -> None:
+        self.rowset = rowset
+        self.indices = list(indices)
+        self._texts: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def of(cls, prepared: PreparedSplit) -> LazyRows:
+        return cls(prepared.rowset, prepared.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return LazyRows(self.rowset, self.indices[i])
+        return self.rowset.row(self.indices[i])
+
+    def texts(self) -> list[dict[str, Any]]:
+        """Every row without its images (read once, then kept: a few hundred bytes a row)."""
+        if self._texts is None:
+            self._texts = [self.rowset.row(i, images=False) for i in self.indices]
+        return self._texts
+
+    def image_of(self) -> Any:
+        """A callable id → first image of that row (decoded on demand), for the report."""
+        pos = {r["id"]: k for k, r in enumerate(self.texts())}
+
+        def first_image(rid: str) -> Any:
+            k = pos.get(rid)
+            return None if k is None else (self[k]["images"] or [None])[0]
+
+        return first_image
