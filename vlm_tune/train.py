@@ -278,3 +278,4 @@ def _finish_trackers(cfg: Config) -> None:
 
         if wandb.run is not None:
             wandb.finish()
+        wandb.teardown()  # W&B reads WANDB_DIR once per process setup: the next run gets its own directory
