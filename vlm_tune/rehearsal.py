@@ -214,7 +214,7 @@ def clips_stand_in(out_dir: str | Path) -> Path:
     images and an .mp4 file; a split column with train and test rows. Returns the JSONL path."""
     out_dir = Path(out_dir)
     lines = []
-    for i in range(6):
+    for i in range(8):
         kind = ("folder", "list", "video")[i % 3]
         if kind == "folder":
             folder = out_dir / f"c{i}"
@@ -231,7 +231,7 @@ def clips_stand_in(out_dir: str | Path) -> Path:
         else:
             write_video(out_dir / f"v{i}.mp4", n_frames=20)
             frames = f"v{i}.mp4"
-        split = "test" if i >= 3 else "train"
+        split = "test" if i >= 4 else "train"
         lines.append(
             {"id": f"c{i}", "frames": frames, "question": "What happens?", "answer": "bars", "split": split}
         )
