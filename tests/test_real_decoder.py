@@ -67,20 +67,19 @@ def test_decoder_is_the_pretrained_one(loaded):
     assert model.lm_head.weight.data_ptr() == model.model.text_model.embed_tokens.weight.data_ptr()
 
 
-def test_untrained_model_ends_its_turn_in_the_smolvlm_format(loaded):
-    """Through the SmolVLM chat template, the pretrained decoder answers and closes with <end_of_utterance>
-    (which starts as SmolLM2's <|im_end|>); from a mean-embedding init it never emits it."""
+def test_untrained_model_ends_its_turn_with_end_of_utterance(loaded):
+    """Through the SmolVLM chat template the pretrained decoder closes its turn with <end_of_utterance>
+    (which starts as SmolLM2's <|im_end|>), not <|im_end|>; from a mean-embedding init it never emits it."""
     model, processor = loaded
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     enc = processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    eot = PUBLISHED["<end_of_utterance>"]
     with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=16, do_sample=False, eos_token_id=[PUBLISHED["<end_of_utterance>"]]
-        )
+        out = model.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=[eot])
     new = out[0, enc["input_ids"].shape[1] :].tolist()
-    assert new[-1] == PUBLISHED["<end_of_utterance>"], processor.tokenizer.decode(new)
-    assert "Paris" in processor.tokenizer.decode(new)
+    assert new[-1] == eot, processor.tokenizer.decode(new)
+    assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") not in new
 
 
 def test_missing_extra_is_a_clear_error(monkeypatch):
