@@ -73,3 +73,20 @@ def lora_run(cache_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("lora") / "run"
     return train(tiny_cfg(cache_dir, out))
+
+
+@pytest.fixture(scope="session")
+def real_decoder_dir(tmp_path_factory):
+    """builtin:smollm2-135m (the real SmolLM2-135M decoder, from the [real-decoder] extra), built once."""
+    from vlm_tune.real_decoder import ensure_real_decoder_model
+
+    return ensure_real_decoder_model(tmp_path_factory.mktemp("smollm2") / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_decoder_cache(cache_dir, real_decoder_dir):
+    """A model.cache_dir holding both builtin models (the real-decoder one linked, not copied)."""
+    link = cache_dir / "smollm2-135m"
+    if not link.exists():
+        link.symlink_to(real_decoder_dir, target_is_directory=True)
+    return cache_dir

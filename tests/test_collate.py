@@ -19,6 +19,16 @@ def supervised_text(processor, batch, b):
     return processor.tokenizer.decode(ids[labels != IGNORE_INDEX].tolist(), skip_special_tokens=False)
 
 
+@pytest.fixture(scope="module", params=["tiny", "smollm2-135m"])
+def processor(request, tiny_dir):
+    """The tiny model's processor, and the real SmolLM2 tokenizer + SmolVLM tokens (builtin:smollm2-135m)."""
+    from transformers import AutoProcessor
+
+    if request.param == "tiny":
+        return AutoProcessor.from_pretrained(tiny_dir)
+    return AutoProcessor.from_pretrained(request.getfixturevalue("real_decoder_dir"))
+
+
 @pytest.fixture
 def collator(processor):
     return ChatCollator(processor, "You read charts.", TEMPLATE, max_length=4096)
@@ -32,7 +42,8 @@ def test_one_image_only_answer_supervised(processor, collator):
     batch = collator([row("3", [img()])])
     assert supervised_text(processor, batch, 0) == " 3<end_of_utterance>"
     ids, labels = batch["input_ids"][0], batch["labels"][0]
-    assert (ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 20
+    # a 64-px chart = 2x2 tiles + the global view, image_seq_len tokens each (tiny: 4, smollm2-135m: 16)
+    assert (ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 5 * processor.image_seq_len
     for t in image_token_ids(processor):
         assert not ((ids == t) & (labels != IGNORE_INDEX)).any()
 

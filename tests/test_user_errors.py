@@ -185,7 +185,9 @@ def test_bitsandbytes_kernel_notice_passes_once_4bit_is_used(monkeypatch, caplog
     from vlm_tune import quiet
 
     quiet.install()
-    monkeypatch.setitem(quiet._state, "four_bit", False)  # an earlier test in this process may have loaded 4-bit
+    monkeypatch.setitem(
+        quiet._state, "four_bit", False
+    )  # an earlier test in this process may have loaded 4-bit
     logger = logging.getLogger(quiet.BNB_CPU_LOGGER)
     notice = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
     with caplog.at_level(logging.WARNING, logger=quiet.BNB_CPU_LOGGER):

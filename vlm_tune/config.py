@@ -62,7 +62,8 @@ class ImageSection(Section):
 class ModelSection(Section):
     name_or_path: str = Field(
         BUILTIN_TINY,
-        description="Hub id, local directory, or 'builtin:tiny' (offline tiny SmolVLM, built on demand).",
+        description="Hub id, local directory, 'builtin:tiny' (offline tiny SmolVLM, built on demand) or "
+        "'builtin:smollm2-135m' (real SmolLM2-135M decoder + small vision tower; extra [real-decoder]).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

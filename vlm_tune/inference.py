@@ -42,16 +42,17 @@ def load_for_inference(
     the saved config.yaml where this machine can run it, else auto; an explicit dtype must run here). A QLoRA
     adapter gets the 4-bit base it was trained on, except `for_merge` (merging needs the unquantized weights).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from vlm_tune.model import quantization_config
     from vlm_tune.runtime import hardware, precision_problems, resolve
+    from vlm_tune.smolvlm2 import auto_processor
 
     path = _resolve_adapter(str(adapter))
     prompt = load_prompt(path)
     if prompt is None:
         raise UserError(f"{path}: no prompt.json; this is not an adapter directory written by vlm-tune")
-    processor = AutoProcessor.from_pretrained(path)
+    processor = auto_processor(str(path))
     saved = _apply_saved_image_settings(processor, path)
     quantized = saved is not None and saved.train.method == "qlora" and not for_merge
     method = "qlora" if quantized else "lora"

@@ -17,6 +17,7 @@ import torch
 
 from vlm_tune.config import BUILTIN_TINY, Config
 from vlm_tune.errors import UserError
+from vlm_tune.real_decoder import BUILTIN_SMOLLM2
 from vlm_tune.runtime import DTYPES, Runtime, cast_trainable_to_fp32, for_config  # noqa: F401 (DTYPES: scripts)
 
 TARGET_PRESETS = {
@@ -35,12 +36,16 @@ def lora_target_regex(targets: list[str] | str) -> str:
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """builtin:tiny → a locally built tiny SmolVLM (cached); a local dir as is; a hub id checked offline first."""
+    """builtin:tiny / builtin:smollm2-135m → a locally built model (cached); a local dir as is; a hub id checked offline first."""
     name = cfg.model.name_or_path
     if name == BUILTIN_TINY:
         from vlm_tune.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(Path(cfg.model.cache_dir) / "tiny-model"))
+    if name == BUILTIN_SMOLLM2:
+        from vlm_tune.real_decoder import ensure_real_decoder_model
+
+        return str(ensure_real_decoder_model(Path(cfg.model.cache_dir) / "smollm2-135m"))
     if Path(name).exists():
         if not (Path(name) / "config.json").is_file() and not (Path(name) / "adapter_config.json").is_file():
             raise UserError(f"model.name_or_path: {name} is a directory without config.json")
@@ -71,9 +76,9 @@ def _check_hub_model_available(repo_id: str, revision: str | None) -> None:
 
 def load_processor(path: str, cfg: Config) -> Any:
     """AutoProcessor with model.image settings applied to the image processor."""
-    from transformers import AutoProcessor
+    from vlm_tune.smolvlm2 import auto_processor
 
-    processor = AutoProcessor.from_pretrained(path, revision=cfg.model.revision)
+    processor = auto_processor(path, revision=cfg.model.revision)
     apply_image_settings(processor, cfg)
     return processor
 

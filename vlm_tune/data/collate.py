@@ -146,6 +146,19 @@ class ChatCollator:
         return dict(enc)
 
 
+def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int]:
+    """Tokens each (height, width) image expands to, without running the image processor.
+
+    Idefics3Processor has `_get_num_multimodal_tokens`; SmolVLMProcessor (transformers 5.24) has not, so
+    its expansion text is built from the image processor's tile grid and tokenized.
+    """
+    if hasattr(processor, "_get_num_multimodal_tokens"):
+        return [int(n) for n in processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]]
+    grids = [processor.image_processor.get_number_of_image_patches(h, w, {}) for h, w in sizes]
+    texts = [processor.replace_image_token({"rows": [[r]], "cols": [[c]]}, 0) for _, r, c in grids]
+    return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def count_tokens(processor: Any, collator: ChatCollator, row: dict[str, Any]) -> dict[str, int]:
     """Token budget of one row without running the image processor: total, image and supervised tokens."""
     messages = build_messages(row, collator.system, collator.user_template, with_answer=True)
@@ -153,10 +166,7 @@ def count_tokens(processor: Any, collator: ChatCollator, row: dict[str, Any]) ->
     tok = processor.tokenizer
     enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
     sizes = [(im.height, im.width) for im in row["images"]]
-    image_tokens = 0
-    if sizes:
-        counts = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
-        image_tokens = int(sum(counts))
+    image_tokens = sum(image_token_counts(processor, sizes)) if sizes else 0
     placeholder = getattr(processor, "image_token", "<image>")
     n_placeholders = text.count(placeholder)
     supervised = sum(1 for (s, e) in enc["offset_mapping"] for (a, b) in spans if e > s and s >= a and e <= b)

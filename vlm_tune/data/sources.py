@@ -108,24 +108,63 @@ def sample_frames(paths: list[Any], max_frames: int) -> list[Any]:
 
 
 def video_frames(path: Path, max_frames: int, row_id: str, column: str) -> list[Image.Image]:
-    """Frames sampled evenly from a video file (needs PyAV: `pip install av`)."""
+    """Frames sampled evenly from a video file (needs PyAV: `pip install 'vlm-tune[video]'`)."""
     try:
-        import av  # type: ignore[import-not-found]
+        import av  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
         raise BadRow(
             "video_decoder_missing",
             row_id,
             column,
-            f"{path.name} is a video; install PyAV (`pip install av`) or give a folder of frames",
+            f"{path.name} is a video; install PyAV (`pip install 'vlm-tune[video]'`) or give a folder of frames",
         ) from None
     try:
-        with av.open(str(path)) as container:
-            frames = [f.to_image() for f in container.decode(video=0)]
+        frames, _ = decode_sampled_frames(path, max_frames)
     except Exception as err:
         raise BadRow("corrupt_image", row_id, column, f"video cannot be decoded: {err}") from None
     if not frames:
         raise BadRow("empty_image", row_id, column, f"video {path} has no frames")
-    return [to_rgb(f) for f in sample_frames(frames, max_frames)]
+    return [to_rgb(f) for f in frames]
+
+
+def decode_sampled_frames(path: Path, max_frames: int) -> tuple[list[Image.Image], int]:
+    """(frames, frames decoded): the frames `sample_frames` picks, without decoding the whole video.
+
+    With a known frame count, seek to the keyframe before each wanted frame and decode forward to it
+    (at most one group of pictures per sample); with an unknown count, decode in order and keep a
+    reservoir of evenly spaced frames. Only kept frames are converted to images.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        total = stream.frames or 0
+        rate = stream.average_rate or stream.guessed_rate
+        if total <= 0 or not rate or stream.time_base is None:
+            decoded = list(container.decode(stream))
+            return [f.to_image() for f in sample_frames(decoded, max_frames)], len(decoded)
+        wanted = sample_frames(list(range(total)), max_frames)
+        start = stream.start_time or 0
+        ticks = 1 / (rate * stream.time_base)  # pts per frame
+        frames: list[Image.Image] = []
+        n_decoded = 0
+        last = None
+        for index in wanted:
+            target = start + int(round(index * ticks))
+            if last is None or last.pts is None or target < last.pts or target - last.pts > 2 * ticks:
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+                last = None
+            if last is not None and last.pts is not None and last.pts >= target:
+                frames.append(last.to_image())
+                continue
+            for frame in container.decode(stream):
+                n_decoded += 1
+                last = frame
+                if frame.pts is None or frame.pts >= target - ticks / 2:
+                    break
+            if last is not None:
+                frames.append(last.to_image())
+        return frames, n_decoded
 
 
 def expand_images(
