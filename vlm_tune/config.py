@@ -57,12 +57,24 @@ class ImageSection(Section):
     do_image_splitting: bool | None = Field(
         None, description="Split large images into tiles plus a global view. False = one tile per image."
     )
+    min_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Qwen families: fewest pixels an image is resized to (processor size.shortest_edge).",
+    )
+    max_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Qwen families: most pixels an image is resized to (processor size.longest_edge); fewer "
+        "pixels = fewer image tokens. For Qwen, longest_edge L means max_pixels L*L.",
+    )
 
 
 class ModelSection(Section):
     name_or_path: str = Field(
         BUILTIN_TINY,
-        description="Hub id, local directory, or 'builtin:tiny' (offline tiny SmolVLM, built on demand).",
+        description="Hub id, local directory, or an offline stand-in built on demand: 'builtin:tiny' (SmolVLM), "
+        "'builtin:tiny-qwen2.5-vl', 'builtin:tiny-qwen3-vl'.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -367,7 +379,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if (
         cfg.train.method == "qlora"
         and cfg.model.dtype == "float16"
-        and cfg.model.name_or_path == BUILTIN_TINY
+        and cfg.model.name_or_path.startswith(BUILTIN_TINY)
     ):
         problems.append("model.dtype: float16 QLoRA on CPU is not supported; use float32 or bfloat16")
     if cfg.train.method == "full" and cfg.lora.modules_to_save:

@@ -35,15 +35,16 @@ def _resolve_adapter(adapter: str) -> Path:
 
 def load_for_inference(adapter: str | Path, dtype: str = "float32") -> tuple[Any, Any, dict[str, Any]]:
     """(model with adapter, processor, prompt contract) from an adapter directory written by vlm-tune."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
+    from vlm_tune.families import load_processor as load_family_processor
     from vlm_tune.model import DTYPES
 
     path = _resolve_adapter(str(adapter))
     prompt = load_prompt(path)
     if prompt is None:
         raise UserError(f"{path}: no prompt.json; this is not an adapter directory written by vlm-tune")
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_family_processor(str(path))
     _apply_saved_image_settings(processor, path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
