@@ -257,3 +257,40 @@ def test_three_steps_train_decoder_and_projector_only_then_eval_and_predict(name
         model, processor, prompt, [{"images": [img()], "question": "How many bars are there?"}], 2
     )
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_frozen_tower_spares_the_projector_and_train_vision_saves_the_tower(name, stand_ins):
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_tune.model import lora_module_names, setup_training
+
+    f = fam(name)
+    base = {"model": {"name_or_path": str(stand_ins[name])}, "logging": {"progress": False}}
+    full = setup_training(
+        AutoModelForImageTextToText.from_pretrained(stand_ins[name]),
+        build_config(base, ["train.method=full"]),
+    )
+    grads = {n: p.requires_grad for n, p in full.named_parameters()}
+    projector = [n for n in grads if n.startswith(f.projector_modules)]
+    tower = [n for n in grads if n.startswith(f.vision_module) and not n.startswith(f.projector_modules)]
+    assert projector and all(grads[n] for n in projector)
+    assert tower and not any(grads[n] for n in tower)
+    lora = setup_training(
+        AutoModelForImageTextToText.from_pretrained(stand_ins[name]),
+        build_config(base, ["model.train_vision=true"]),
+    )
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert any(".merger." in n or ".connector." in n for n in trainable if "lora_" in n)
+    tower_trainable = {n for n in trainable if "modules_to_save" in n}
+    # the whole tower (not the projector) is trained fully and saved with the adapter
+    assert tower_trainable and not any(
+        n.split(".modules_to_save")[0].endswith("merger") for n in tower_trainable
+    )
+    n_tower = sum(p.numel() for n, p in lora.named_parameters() if "modules_to_save" in n)
+    assert n_tower == sum(
+        p.numel()
+        for n, p in AutoModelForImageTextToText.from_pretrained(stand_ins[name]).named_parameters()
+        if n.startswith(f.vision_module) and not n.startswith(f.projector_modules)
+    )
+    assert lora_module_names(lora)
