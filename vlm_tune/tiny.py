@@ -135,6 +135,7 @@ def build_tokenizer(
     special_tokens: list[str] | None = None,
     eos: str = "<end_of_utterance>",
     pad: str = "<|endoftext|>",
+    **tokenizer_kwargs,
 ):
     """A byte-level BPE trained on chart-QA vocabulary, with a family's special tokens (default: Idefics3's)."""
     special_tokens = special_tokens or SPECIAL_TOKENS
@@ -158,6 +159,7 @@ def build_tokenizer(
         unk_token=None,
         additional_special_tokens=[t for t in special_tokens if t != pad],
         padding_side="right",
+        **tokenizer_kwargs,
     )
 
 
