@@ -149,9 +149,8 @@ def setup_training(model: Any, cfg: Config) -> Any:
     modules_to_save = list(cfg.lora.modules_to_save)
     targets = cfg.lora.targets
     if cfg.model.train_vision and not (isinstance(targets, list) and "vision" in targets):
-        modules_to_save += fam.vision_save_modules(
-            model
-        )  # vision tower trained fully, saved with the adapter
+        # vision tower (not the projector) trained fully, saved with the adapter
+        modules_to_save += fam.vision_save_modules(model)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
