@@ -92,6 +92,20 @@ def test_unknown_builtin_lists_the_builtins(tmp_path):
         resolve_model_path(cfg)
 
 
+def test_builtin_stand_in_built_once_in_the_cache(tmp_path):
+    from vlm_tune.model import resolve_model_path
+
+    cfg = build_config({"model": {"name_or_path": "builtin:tiny-qwen2.5-vl", "cache_dir": str(tmp_path)}}, [])
+    path = resolve_model_path(cfg)
+    assert path == str(tmp_path / "tiny-qwen2.5-vl")
+    stamp = (tmp_path / "tiny-qwen2.5-vl" / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path(cfg) == path  # reused, not rebuilt
+    assert (tmp_path / "tiny-qwen2.5-vl" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert family_of_config(json.loads((tmp_path / "tiny-qwen2.5-vl" / "config.json").read_text())).name == (
+        "qwen2.5-vl"
+    )
+
+
 def test_qwen3_vl_template_is_the_published_one():
     from vlm_tune.families.qwen import QWEN3_VL_CHAT_TEMPLATE
 
