@@ -31,16 +31,17 @@ def render_supervision(processor: Any, batch: dict[str, Any], b: int = 0) -> str
     labels = batch["labels"][b].tolist()
     mask = batch["attention_mask"][b].tolist()
     tok = processor.tokenizer
+    image = getattr(processor, "image_token", "<image>")  # the token repeated per image patch (family's)
     out, inside, run_token, run = [], False, None, 0
     for t, lab, m in zip(ids, labels, mask, strict=True):
         if not m:
             continue
         piece = tok.decode([t], skip_special_tokens=False)
-        if piece == "<image>":
+        if piece == image:
             run += 1
             continue
         if run:
-            out.append(f"<image>×{run}")
+            out.append(f"{image}×{run}")
             run = 0
         sup = lab != IGNORE_INDEX
         if sup and not inside:
@@ -50,7 +51,7 @@ def render_supervision(processor: Any, batch: dict[str, Any], b: int = 0) -> str
         inside = sup
         out.append(piece)
     if run:
-        out.append(f"<image>×{run}")
+        out.append(f"{image}×{run}")
     if inside:
         out.append("]]")
     del run_token

@@ -57,13 +57,25 @@ class ImageSection(Section):
     do_image_splitting: bool | None = Field(
         None, description="Split large images into tiles plus a global view. False = one tile per image."
     )
+    min_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Qwen families: fewest pixels an image is resized to (processor size.shortest_edge).",
+    )
+    max_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Qwen families: most pixels an image is resized to (processor size.longest_edge); fewer "
+        "pixels = fewer image tokens. For Qwen, longest_edge L means max_pixels L*L.",
+    )
 
 
 class ModelSection(Section):
     name_or_path: str = Field(
         BUILTIN_TINY,
-        description="Hub id, local directory, 'builtin:tiny' (offline tiny SmolVLM, built on demand) or "
-        "'builtin:smollm2-135m' (real SmolLM2-135M decoder + small vision tower; extra [real-decoder]).",
+        description="Hub id, local directory, or an offline model built on demand: 'builtin:tiny' (SmolVLM), "
+        "'builtin:tiny-qwen2.5-vl', 'builtin:tiny-qwen3-vl', 'builtin:smollm2-135m' (real SmolLM2-135M decoder "
+        "+ small vision tower; extra [real-decoder]).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

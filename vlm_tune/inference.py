@@ -44,15 +44,16 @@ def load_for_inference(
     """
     from transformers import AutoModelForImageTextToText
 
+    from vlm_tune.families import family_of_processor
+    from vlm_tune.families import load_processor as load_family_processor
     from vlm_tune.model import quantization_config
     from vlm_tune.runtime import hardware, precision_problems, resolve
-    from vlm_tune.smolvlm2 import auto_processor
 
     path = _resolve_adapter(str(adapter))
     prompt = load_prompt(path)
     if prompt is None:
         raise UserError(f"{path}: no prompt.json; this is not an adapter directory written by vlm-tune")
-    processor = auto_processor(str(path))
+    processor = load_family_processor(str(path))
     saved = _apply_saved_image_settings(processor, path)
     quantized = saved is not None and saved.train.method == "qlora" and not for_merge
     method = "qlora" if quantized else "lora"
@@ -67,7 +68,7 @@ def load_for_inference(
 
         four_bit_in_use()
         kwargs |= {
-            "quantization_config": quantization_config(rt.torch_dtype),
+            "quantization_config": quantization_config(rt.torch_dtype, family_of_processor(processor)),
             "device_map": {"": str(rt.device)},
         }
     if (path / "adapter_config.json").is_file():

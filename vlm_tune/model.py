@@ -1,9 +1,8 @@
 """Load the model and processor (hub id, local directory or the builtin tiny model) and set up training.
 
-LoRA targets are an explicit, inspectable regex built from presets:
-  decoder   = text-decoder attention and MLP projections (model.text_model.layers.N.{self_attn,mlp}.*_proj)
-  projector = the multimodal connector (model.connector.modality_projection.proj)
-  vision    = vision-encoder attention and MLP (model.vision_model.encoder.layers.N.*)
+LoRA targets are an explicit, inspectable regex built from the model family's presets
+(`vlm_tune.families.<family>`; SmolVLM's: decoder = model.text_model.layers.N.{self_attn,mlp}.*_proj,
+projector = model.connector.modality_projection.proj, vision = model.vision_model.encoder.layers.N.*).
 """
 
 from __future__ import annotations
@@ -17,26 +16,29 @@ import torch
 
 from vlm_tune.config import BUILTIN_TINY, Config
 from vlm_tune.errors import UserError
+from vlm_tune.families import (
+    Family,
+    family_by_builtin,
+    family_of_config,
+    family_of_model,
+    family_of_processor,
+)
+from vlm_tune.families.smolvlm import TARGET_PRESETS, VISION_MODULE  # noqa: F401  (SmolVLM's, re-exported)
 from vlm_tune.real_decoder import BUILTIN_SMOLLM2
 from vlm_tune.runtime import DTYPES, Runtime, cast_trainable_to_fp32, for_config  # noqa: F401 (DTYPES: scripts)
 
-TARGET_PRESETS = {
-    "decoder": r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
-    "projector": r"model\.connector\.modality_projection\.proj",
-    "vision": r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))",
-}
-VISION_MODULE = "model.vision_model"
 
-
-def lora_target_regex(targets: list[str] | str) -> str:
-    """Presets (combined) or a user regex → one full-match regex over module names."""
+def lora_target_regex(targets: list[str] | str, presets: dict[str, str] | None = None) -> str:
+    """Presets (combined; SmolVLM's unless a family's are given) or a user regex → one full-match regex."""
     if isinstance(targets, str):
         return targets
-    return r"(.*\.)?(" + "|".join(TARGET_PRESETS[t] for t in targets) + r")"
+    presets = presets or TARGET_PRESETS
+    return r"(.*\.)?(" + "|".join(presets[t] for t in targets) + r")"
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """builtin:tiny / builtin:smollm2-135m → a locally built model (cached); a local dir as is; a hub id checked offline first."""
+    """builtin:tiny[-FAMILY] / builtin:smollm2-135m → a locally built model (cached); a local dir as is; a hub
+    id checked offline first."""
     name = cfg.model.name_or_path
     if name == BUILTIN_TINY:
         from vlm_tune.tiny import ensure_tiny_model
@@ -46,6 +48,14 @@ def resolve_model_path(cfg: Config) -> str:
         from vlm_tune.real_decoder import ensure_real_decoder_model
 
         return str(ensure_real_decoder_model(Path(cfg.model.cache_dir) / "smollm2-135m"))
+    if name.startswith("builtin:"):
+        fam = family_by_builtin(name)
+        if fam is None:
+            from vlm_tune.families import all_families
+
+            known = ", ".join([f.builtin for f in all_families()] + [BUILTIN_SMOLLM2])
+            raise UserError(f"model.name_or_path: unknown builtin model {name!r}; builtin models: {known}")
+        return str(fam.build_stand_in(Path(cfg.model.cache_dir) / name.removeprefix("builtin:")))
     if Path(name).exists():
         if not (Path(name) / "config.json").is_file() and not (Path(name) / "adapter_config.json").is_file():
             raise UserError(f"model.name_or_path: {name} is a directory without config.json")
@@ -75,29 +85,36 @@ def _check_hub_model_available(repo_id: str, revision: str | None) -> None:
 
 
 def load_processor(path: str, cfg: Config) -> Any:
-    """AutoProcessor with model.image settings applied to the image processor."""
-    from vlm_tune.smolvlm2 import auto_processor
+    """The family's processor with model.image settings applied to the image processor."""
+    from vlm_tune.families import load_processor as load_family_processor
 
-    processor = auto_processor(path, revision=cfg.model.revision)
+    processor = load_family_processor(path, cfg.model.revision)
     apply_image_settings(processor, cfg)
     return processor
 
 
 def apply_image_settings(processor: Any, cfg: Config) -> None:
-    """model.image → the image processor (longest edge, tile size, splitting)."""
-    ip = processor.image_processor
-    img = cfg.model.image
-    if img.longest_edge is not None:
-        ip.size = {"longest_edge": img.longest_edge}
-    if img.tile_size is not None:
-        ip.max_image_size = {"longest_edge": img.tile_size}
-    if img.do_image_splitting is not None:
-        ip.do_image_splitting = img.do_image_splitting
+    """model.image → the image processor, translated by the processor's family (SmolVLM: longest edge, tiles)."""
+    family_of_processor(processor).apply_image_settings(processor, cfg.model.image)
 
 
-def quantization_config(compute_dtype: torch.dtype) -> Any:
-    """4-bit NF4 (double quantization) for the decoder; vision tower, projector and head stay unquantized."""
+def model_family(path: str, cfg: Config) -> Family:
+    """The family of the model at path (from its config); an unsupported architecture → UserError."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.model.revision)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {path!r}: its config could not be read: {err}") from None
+    return family_of_config(config)
+
+
+def quantization_config(compute_dtype: torch.dtype, fam: Family | None = None) -> Any:
+    """4-bit NF4 (double quantization) for the decoder; the family's vision tower, projector and the head stay
+    unquantized (SmolVLM's names when no family is given)."""
     from transformers import BitsAndBytesConfig
+
+    skip = [fam.vision_module, *fam.projector_modules] if fam else [VISION_MODULE, "model.connector"]
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -105,7 +122,7 @@ def quantization_config(compute_dtype: torch.dtype) -> Any:
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
         # small layers break the CPU 4-bit path
-        llm_int8_skip_modules=[VISION_MODULE, "model.connector", "lm_head"],
+        llm_int8_skip_modules=[*skip, "lm_head"],
     )
 
 
@@ -113,6 +130,7 @@ def load_model(path: str, cfg: Config, rt: Runtime | None = None) -> Any:
     """The base model in the resolved dtype, on the runtime's device; 4-bit NF4 for qlora."""
     from transformers import AutoModelForImageTextToText
 
+    fam = model_family(path, cfg)
     rt = rt or for_config(cfg)
     kwargs: dict[str, Any] = {"dtype": rt.torch_dtype, "revision": cfg.model.revision}
     kwargs["attn_implementation"] = cfg.model.attn_implementation
@@ -121,7 +139,7 @@ def load_model(path: str, cfg: Config, rt: Runtime | None = None) -> Any:
         from vlm_tune.quiet import four_bit_in_use
 
         four_bit_in_use()
-        kwargs["quantization_config"] = quantization_config(rt.torch_dtype)
+        kwargs["quantization_config"] = quantization_config(rt.torch_dtype, fam)
         # 4-bit weights are placed on the device while loading and never moved after
         kwargs["device_map"] = {"": str(rt.device)}
     try:
@@ -137,9 +155,11 @@ def setup_training(model: Any, cfg: Config) -> Any:
     Trainable parameters become float32 whatever model.dtype is (autocast runs the matmuls in the base dtype).
     """
     method = cfg.train.method
+    fam = family_of_model(model)
     if method == "full":
         for name, p in model.named_parameters():
-            p.requires_grad = cfg.model.train_vision or not name.startswith(VISION_MODULE)
+            tower = name.startswith(fam.vision_module) and not name.startswith(fam.projector_modules)
+            p.requires_grad = cfg.model.train_vision or not tower
         cast_trainable_to_fp32(model)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -149,12 +169,13 @@ def setup_training(model: Any, cfg: Config) -> Any:
     modules_to_save = list(cfg.lora.modules_to_save)
     targets = cfg.lora.targets
     if cfg.model.train_vision and not (isinstance(targets, list) and "vision" in targets):
-        modules_to_save.append("vision_model")  # vision tower trained fully, saved with the adapter
+        # vision tower (not the projector) trained fully, saved with the adapter
+        modules_to_save += fam.vision_save_modules(model)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=lora_target_regex(targets),
+        target_modules=lora_target_regex(targets, fam.target_presets),
         modules_to_save=modules_to_save or None,
         task_type="CAUSAL_LM",
     )

@@ -130,8 +130,15 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 800):
-    """A byte-level BPE trained on chart-QA vocabulary, with the Idefics3 special tokens."""
+def build_tokenizer(
+    vocab_size: int = 800,
+    special_tokens: list[str] | None = None,
+    eos: str = "<end_of_utterance>",
+    pad: str = "<|endoftext|>",
+    **tokenizer_kwargs,
+):
+    """A byte-level BPE trained on chart-QA vocabulary, with a family's special tokens (default: Idefics3's)."""
+    special_tokens = special_tokens or SPECIAL_TOKENS
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -140,18 +147,19 @@ def build_tokenizer(vocab_size: int = 800):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(sorted(_corpus()), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<end_of_utterance>",
-        pad_token="<|endoftext|>",
+        eos_token=eos,
+        pad_token=pad,
         unk_token=None,
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=[t for t in special_tokens if t != pad],
         padding_side="right",
+        **tokenizer_kwargs,
     )
 
 

@@ -22,21 +22,20 @@ import torch
 
 from vlm_tune.data.chat import build_messages
 from vlm_tune.errors import UserError
+from vlm_tune.families import family_of_processor
 
 IGNORE_INDEX = -100
 
 
 def end_of_turn_token(processor: Any) -> str:
-    """The token that closes an assistant turn (SmolVLM: <end_of_utterance>)."""
-    return getattr(processor, "end_of_utterance_token", None) or processor.tokenizer.eos_token
+    """The token that closes an assistant turn (the family's: SmolVLM <end_of_utterance>, Qwen <|im_end|>)."""
+    return family_of_processor(processor).end_of_turn
 
 
 def image_token_ids(processor: Any) -> set[int]:
-    """Ids of every image-related special token: never supervised."""
+    """Ids of every image-related special token of the processor's family: never supervised."""
     tok = processor.tokenizer
-    names = ["<image>", "<fake_token_around_image>", "<global-img>"]
-    names += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    ids = {tok.convert_tokens_to_ids(n) for n in names}
+    ids = {tok.convert_tokens_to_ids(n) for n in family_of_processor(processor).image_tokens}
     return {i for i in ids if i is not None and i != tok.unk_token_id}
 
 

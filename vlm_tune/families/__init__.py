@@ -1,0 +1,119 @@
+"""Model families: everything vlm-tune knows about one architecture, one module each.
+
+A family is a plain record (`Family`) defined in its own module (`smolvlm.py`, `qwen.py`): how to recognise
+it (config `model_type`, processor class), which tokens are image-related (never supervised), which token
+closes an answer, the LoRA presets as module-name regexes, how `model.image.*` reaches its processor, and the
+builder of its offline stand-in (`builtin:tiny...`). `FAMILIES` lists them; nothing registers itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_tune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # config.json model_type values
+    processor_classes: tuple[str, ...]  # processor class names (saved as processor_class)
+    builtin: str  # model.name_or_path of the offline stand-in
+    end_of_turn: str  # the token that closes an assistant answer (supervised with it)
+    image_tokens: tuple[str, ...]  # every image-related special token: never supervised
+    target_presets: dict[str, str]  # lora.targets preset → regex over module names (full match after `.*`)
+    vision_module: str  # prefix of the vision tower's parameters (frozen unless model.train_vision)
+    projector_modules: tuple[
+        str, ...
+    ]  # prefixes of the projector's parameters (may sit inside the vision tower)
+    vision_save_modules: Callable[[Any], list[str]]  # model → modules trained fully under model.train_vision
+    apply_image_settings: Callable[[Any, Any], None]  # (processor, ImageSection) → processor knobs
+    build_stand_in: Callable[..., Path]  # (out_dir, seed=0) → saved stand-in directory
+    load_processor: Callable[[str, str | None], Any] | None = None  # when AutoProcessor is not enough
+
+
+def _families() -> tuple[Family, ...]:
+    from vlm_tune.families import qwen, smolvlm
+
+    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL)
+
+
+def all_families() -> tuple[Family, ...]:
+    """Every supported family, SmolVLM first."""
+    return _families()
+
+
+def supported() -> str:
+    return ", ".join(f"{f.name} (model_type {'/'.join(f.model_types)})" for f in _families())
+
+
+def family_by_builtin(name: str) -> Family | None:
+    """The family whose stand-in is `name` (e.g. builtin:tiny-qwen2.5-vl), or None."""
+    return next((f for f in _families() if f.builtin == name), None)
+
+
+def family_of_config(config: Any) -> Family:
+    """Family from a model config (object or dict): by model_type; unsupported → UserError listing the supported."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    for f in _families():
+        if model_type in f.model_types:
+            return f
+    archs = (
+        config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    )
+    raise UserError(
+        f"model architecture {model_type!r} ({', '.join(archs or []) or 'no architectures listed'}) is not "
+        f"supported; supported families: {supported()}"
+    )
+
+
+def family_of_model(model: Any) -> Family:
+    """Family of a loaded model (a PEFT wrapper is looked through)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return family_of_config(base.config)
+
+
+def family_of_processor(processor: Any) -> Family:
+    """Family of a loaded processor, by its class name."""
+    name = type(processor).__name__
+    for f in _families():
+        if name in f.processor_classes:
+            return f
+    raise UserError(f"processor {name} is not one vlm-tune supports; supported families: {supported()}")
+
+
+def _saved_processor_class(path: str, revision: str | None) -> str | None:
+    """processor_class written next to a saved processor (local dir or hub cache), if any."""
+    from transformers.utils import cached_file
+
+    for fname in ("processor_config.json", "preprocessor_config.json"):
+        try:
+            found = cached_file(path, fname, revision=revision, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            found = None
+        if found and Path(found).is_file():
+            cls = json.loads(Path(found).read_text()).get("processor_class")
+            if cls:
+                return cls
+    return None
+
+
+def load_processor(path: str, revision: str | None = None) -> Any:
+    """The model's processor: the family's own loader where AutoProcessor is not enough, else AutoProcessor."""
+    from transformers import AutoProcessor
+
+    cls = _saved_processor_class(path, revision)
+    fam = next((f for f in _families() if cls in f.processor_classes), None)
+    if fam is not None and fam.load_processor is not None:
+        return fam.load_processor(path, revision)
+    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    if not hasattr(processor, "image_processor"):
+        raise UserError(
+            f"{path}: no image processor found (AutoProcessor gave {type(processor).__name__}); "
+            f"supported families: {supported()}"
+        )
+    return processor

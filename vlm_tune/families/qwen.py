@@ -1,0 +1,426 @@
+"""Qwen2.5-VL and Qwen3-VL: everything vlm-tune knows about these two families.
+
+Shared by both (transformers 5.x):
+- Chat: ChatML. An answer is `<|im_start|>assistant\\n ANSWER <|im_end|>`; `<|im_end|>` closes it and is
+  supervised with it. Each image is `<|vision_start|><|image_pad|><|vision_end|>` in the template; the
+  processor repeats `<|image_pad|>` once per merged patch (grid_t * grid_h * grid_w / merge_size**2) and
+  reports where (`text_replacement_offsets`, the common ProcessorMixin path). Image-related tokens, never
+  supervised: vision_start/end/pad, image_pad, video_pad.
+- Module names: decoder `model.language_model.layers.N.{self_attn.(q|k|v|o)_proj, mlp.(gate|up|down)_proj}`;
+  vision tower `model.visual` with the projector INSIDE it (`model.visual.merger`), so freezing the tower
+  must spare the merger.
+- Resolution: the image processor resizes by pixel count (`size = {shortest_edge: min_pixels,
+  longest_edge: max_pixels}`, both in pixels, not edges), rounding each side to patch_size * merge_size.
+  Setting `image_processor.max_pixels` as an attribute has no effect; only `size` counts.
+  model.image.min_pixels / max_pixels set those; model.image.longest_edge L sets max_pixels = L*L (the
+  budget of an L x L image); tiling knobs do not exist for Qwen.
+- Without torchvision (CPU machines here) transformers cannot build a Qwen processor (its video processor
+  needs torchvision, and AutoProcessor silently returns the bare tokenizer). Images need no video processor,
+  so vlm-tune then loads an image-only subclass with the same class name (saved files stay standard).
+
+Differences: Qwen2.5-VL: patch 14, SwiGLU vision MLP (`mlp.(gate|up|down)_proj`), projector
+`visual.merger.mlp.(0|2)`, window attention, template adds a default system turn ("You are a helpful
+assistant.") when none is given. Qwen3-VL: patch 16, vision MLP `mlp.linear_fc(1|2)`, projector
+`visual.merger.linear_fc(1|2)` plus DeepStack mergers `visual.deepstack_merger_list.N.linear_fc(1|2)`,
+learned position embeddings (`visual.pos_embed`), interleaved M-RoPE, no default system turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vlm_tune.errors import UserError
+from vlm_tune.families import Family
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+END_OF_TURN = "<|im_end|>"
+DECODER = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+# Source: chat_template.json of Qwen/Qwen2.5-VL-7B-Instruct (same as Qwen2-VL-*-Instruct), copied verbatim.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in "
+    "messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if "
+    "content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = "
+    "image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+# Source: chat_template.json of Qwen/Qwen3-VL-8B-Instruct (the Instruct, non-thinking template), verbatim.
+# (5,292 bytes, sha256 3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4; a test checks it.)
+QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' }}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content_item in message.content %}
+                {%- if 'text' in content_item %}
+                    {{- content_item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and message.content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+
+# -- processors -------------------------------------------------------------------------------------------
+def _image_only(base: type) -> type:
+    """`base` without its video processor, under the same class name (so saved configs name the real class)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # noqa: N807
+        base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__})
+
+
+def _processor_class(name: str, image_only: bool) -> type:
+    import transformers
+
+    base = getattr(transformers, name)
+    return _image_only(base) if image_only else base
+
+
+def _loader(class_name: str):
+    def load(path: str, revision: str | None) -> Any:
+        from transformers.utils import is_torchvision_available
+
+        cls = _processor_class(class_name, image_only=not is_torchvision_available())
+        return cls.from_pretrained(path, revision=revision)
+
+    return load
+
+
+def apply_image_settings(processor: Any, img: Any) -> None:
+    """model.image → the Qwen image processor's pixel budget (`size` shortest_edge/longest_edge, in pixels)."""
+    for key in ("tile_size", "do_image_splitting"):
+        if getattr(img, key, None) is not None:
+            raise UserError(
+                f"model.image.{key}: Qwen models do not tile images; set model.image.max_pixels (and min_pixels) "
+                "or longest_edge instead"
+            )
+    ip = processor.image_processor
+    lo, hi = int(ip.size["shortest_edge"]), int(ip.size["longest_edge"])
+    if img.longest_edge is not None:
+        hi = img.longest_edge**2
+    if getattr(img, "max_pixels", None) is not None:
+        hi = img.max_pixels
+    if getattr(img, "min_pixels", None) is not None:
+        lo = img.min_pixels
+    elif lo > hi:
+        lo = (
+            hi  # a lower cap than the model's floor: the cap wins (else max_pixels would silently do nothing)
+        )
+    if lo > hi:
+        raise UserError(
+            f"model.image.min_pixels ({lo}) is above the pixel cap ({hi}); lower it or raise the cap"
+        )
+    ip.size = {"shortest_edge": lo, "longest_edge": hi}
+
+
+def _vision_save_modules(model: Any) -> list[str]:
+    """Modules of the vision tower (not the merger) to train fully under model.train_vision."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    visual = base.model.visual
+    names = ["visual.patch_embed"] + [f"visual.blocks.{i}" for i in range(len(visual.blocks))]
+    if hasattr(visual, "pos_embed"):
+        names.append("visual.pos_embed")
+    return names
+
+
+# -- offline stand-ins ------------------------------------------------------------------------------------
+STAND_IN = {  # small dims; published processor classes and token layout; patch 8 so 64-px charts = 16 tokens
+    "vision_depth": 2,
+    "vision_hidden": 64,
+    "vision_heads": 4,
+    "patch_size": 8,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "text_hidden": 128,
+    "text_layers": 2,
+    "text_heads": 4,
+    "text_kv_heads": 2,
+    "text_intermediate": 256,
+    "min_pixels": 32 * 32,
+    "max_pixels": 128 * 128,
+    "vocab_size": 800,
+}
+
+
+def _build(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build (or reuse, if the same spec) the tiny stand-in of `kind` ('qwen2_5_vl' or 'qwen3_vl') in out_dir."""
+    import torch
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlm_tune.tiny import _replaceable, build_tokenizer
+
+    s = STAND_IN
+    out_dir = Path(out_dir)
+    want = {"family": kind, "seed": seed, **s}
+    marker = out_dir / "tiny_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return out_dir
+    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
+        raise UserError(
+            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(s["vocab_size"], SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    qwen3 = kind == "qwen3_vl"
+    mean_std = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if qwen3 else {}  # Qwen2.5: CLIP's defaults
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=s["min_pixels"],
+        max_pixels=s["max_pixels"],
+        patch_size=s["patch_size"],
+        merge_size=s["merge_size"],
+        temporal_patch_size=s["temporal_patch_size"],
+        **mean_std,
+    )
+    proc_name = "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor"
+    template = QWEN3_VL_CHAT_TEMPLATE if qwen3 else QWEN2_5_VL_CHAT_TEMPLATE
+    processor = _processor_class(proc_name, image_only=True)(
+        image_processor=ip, tokenizer=tok, chat_template=template
+    )
+    head_dim = s["text_hidden"] // s["text_heads"]
+    vision = {
+        "depth": s["vision_depth"],
+        "hidden_size": s["vision_hidden"],
+        "intermediate_size": s["vision_hidden"] * 2,
+        "num_heads": s["vision_heads"],
+        "patch_size": s["patch_size"],
+        "spatial_merge_size": s["merge_size"],
+        "temporal_patch_size": s["temporal_patch_size"],
+        "out_hidden_size": s["text_hidden"],
+    }
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": s["text_hidden"],
+        "intermediate_size": s["text_intermediate"],
+        "num_hidden_layers": s["text_layers"],
+        "num_attention_heads": s["text_heads"],
+        "num_key_value_heads": s["text_kv_heads"],
+        "max_position_embeddings": 2048,
+        "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+    }
+    if qwen3:  # published: mrope_section [24, 20, 20] of head_dim 128, interleaved; DeepStack at 3 depths
+        vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
+        text |= {
+            "head_dim": head_dim,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [6, 5, 5],
+                "mrope_interleaved": True,
+            },
+        }
+        config_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+    else:  # published: mrope_section [16, 24, 24] of head_dim 128; window attention, full attention at the end
+        vision |= {"window_size": s["patch_size"] * s["merge_size"] * 4, "fullatt_block_indexes": [1]}
+        text |= {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}
+        }
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
+    config = config_cls(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = None
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "tiny_spec.json").write_text(json.dumps(want, indent=2) + "\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+QWEN2_5_VL = Family(
+    name="qwen2.5-vl",
+    model_types=("qwen2_5_vl",),
+    processor_classes=("Qwen2_5_VLProcessor",),
+    builtin="builtin:tiny-qwen2.5-vl",
+    end_of_turn=END_OF_TURN,
+    image_tokens=IMAGE_TOKENS,
+    target_presets={
+        "decoder": DECODER,
+        "projector": r"model\.visual\.merger\.mlp\.(0|2)",
+        "vision": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)",
+    },
+    vision_module="model.visual",
+    projector_modules=("model.visual.merger",),
+    vision_save_modules=_vision_save_modules,
+    apply_image_settings=apply_image_settings,
+    build_stand_in=lambda out_dir, seed=0: _build("qwen2_5_vl", out_dir, seed),
+    load_processor=_loader("Qwen2_5_VLProcessor"),
+)
+
+QWEN3_VL = Family(
+    name="qwen3-vl",
+    model_types=("qwen3_vl",),
+    processor_classes=("Qwen3VLProcessor",),
+    builtin="builtin:tiny-qwen3-vl",
+    end_of_turn=END_OF_TURN,
+    image_tokens=IMAGE_TOKENS,
+    target_presets={
+        "decoder": DECODER,
+        "projector": r"model\.visual\.(merger|deepstack_merger_list\.\d+)\.linear_fc(1|2)",
+        "vision": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))",
+    },
+    vision_module="model.visual",
+    projector_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
+    vision_save_modules=_vision_save_modules,
+    apply_image_settings=apply_image_settings,
+    build_stand_in=lambda out_dir, seed=0: _build("qwen3_vl", out_dir, seed),
+    load_processor=_loader("Qwen3VLProcessor"),
+)
