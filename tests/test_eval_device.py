@@ -9,10 +9,10 @@ from .conftest import tiny_cfg
 
 
 class DecodeCounter:
-    """Wraps sources.open_image: counts decodes and the most decoded images alive at once."""
+    """Wraps images.open_image: counts decodes and the most decoded images alive at once."""
 
     def __init__(self, monkeypatch):
-        import vlm_tune.data.sources as src
+        import vlm_tune.data.images as src
 
         self.orig = src.open_image
         self.decodes = 0
