@@ -26,7 +26,9 @@ no gradient checkpointing):
   eager_attn    attn_implementation eager instead of sdpa
   mixed_random  charts of mixed aspect ratio (so rows differ in tiles and tokens), batched in random order
   mixed_grouped the same rows batched by length (`vlm_tune.trainer.LengthGroupedSampler`); compare the two
-  e2e_wN        the real `VlmTrainer` path (collator in a DataLoader, N workers): includes image preprocessing
+  e2e_wN        the real `VlmTrainer` path (collator in a DataLoader, N workers): includes image preprocessing;
+                reports preprocessing charts/s of one process (= one worker) and the fraction of step time the
+                loop waited for its next batch (data_wait_fraction: near 1 = data-bound)
 
 Variants other than e2e_* time the model only: a few batches are collated once (the time that takes is
 reported as "CPU collate samples/s", one process), moved to the device, and replayed for warmup + steps
@@ -408,8 +410,15 @@ def run_e2e(cfg: Any, model_dir: str, device: str, args: argparse.Namespace) -> 
     from vlm_tune.trainer import VlmTrainer, training_arguments
 
     class Timer(TrainerCallback):
+        """Step ends, and step begins: the gap between a step's end and the next one's begin is the time the
+        loop waited for its next batch (DataLoader: preprocessing in the workers, or in-process with 0)."""
+
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.begins: list[float] = []
+
+        def on_step_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.begins.append(time.perf_counter())
 
         def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
             _sync(device)
@@ -420,6 +429,13 @@ def run_e2e(cfg: Any, model_dir: str, device: str, args: argparse.Namespace) -> 
     split = prepare_split(
         load_split(cfg.data, "train", cfg.model.cache_dir), "error", "error", None, processor, collator
     )
+    # preprocessing alone (decode + tile + tokenize + collate), one process: what one DataLoader worker gives
+    probe = RowDataset(split)
+    n_probe = min(len(probe), 2 * cfg.train.batch_size)
+    t0 = time.perf_counter()
+    for start in range(0, n_probe, cfg.train.batch_size):
+        collator([probe[i] for i in range(start, min(start + cfg.train.batch_size, n_probe))])
+    preprocess_rate = n_probe / max(time.perf_counter() - t0, 1e-9)
     model = setup_training(load_model(model_dir, cfg), cfg)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-e2e-") as tmp:
         targs = training_arguments(cfg, Path(tmp))
@@ -449,7 +465,11 @@ def run_e2e(cfg: Any, model_dir: str, device: str, args: argparse.Namespace) -> 
     sup = sum(t["supervised"] for t in tok) / max(len(tok), 1)
     n = steps * cfg.train.batch_size
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    first = max(w, 1)  # waits before timed steps: begin of step k minus end of step k-1
+    waits = [timer.begins[k] - times[k - 1] for k in range(first, min(len(times), len(timer.begins)))]
     out = {
+        "preprocess_charts_per_s_per_worker": preprocess_rate,
+        "data_wait_fraction": sum(waits) / dt if waits else None,
         "samples_per_s": n / dt,
         "tokens_per_s": n * per_sample / dt,
         "supervised_tokens_per_s": n * sup / dt,
@@ -604,8 +624,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
     lines = [
         "| shape | variant | samples/s | × ref | tokens/s | supervised tok/s | tokens/sample | padding | peak GB "
-        "| TFLOP/s | MFU | CPU collate samples/s (1 proc) | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TFLOP/s | MFU | CPU collate samples/s (1 proc) | waiting for data | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = lever_ratio(r, results)
@@ -619,7 +639,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"| {f(r.get('padding_fraction'), '.1%')} "
             f"| {f(r.get('peak_mem_gb') or r.get('peak_rss_gb'), '.2f')} | {f(r.get('model_tflops_per_s'), '.3g')} "
             f"| {f(r['mfu'] * 100 if r.get('mfu') is not None else None, '.1f')}{'%' if r.get('mfu') else ''} "
-            f"| {f(r.get('collate_samples_per_s_1proc'), '.1f')} | {note} |"
+            f"| {f(r.get('collate_samples_per_s_1proc') or r.get('preprocess_charts_per_s_per_worker'), '.1f')} "
+            f"| {f(r.get('data_wait_fraction'), '.0%')} | {note} |"
         )
     return "\n".join(lines)
 

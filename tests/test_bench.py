@@ -126,7 +126,11 @@ def test_bench_gpu_runs_on_cpu_with_the_tiny_shape(tmp_path):
     )
     assert by_variant["one_tile"]["tokens_per_sample"] < by_variant["default"]["tokens_per_sample"]
     assert "needs CUDA" in by_variant["qlora"]["skipped"]
-    assert by_variant["e2e_w0"]["samples_per_s"] > 0
+    e2e = by_variant["e2e_w0"]
+    assert e2e["samples_per_s"] > 0
+    assert e2e["preprocess_charts_per_s_per_worker"] > 0
+    # with 0 workers every batch is made in the loop, between steps: a measurable share of the step time
+    assert 0 < e2e["data_wait_fraction"] < 1
     assert not [r for r in report["results"] if "error" in r]
     assert "| tiny | default |" in proc.stdout
 
