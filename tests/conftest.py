@@ -90,3 +90,16 @@ def real_decoder_cache(cache_dir, real_decoder_dir):
     if not link.exists():
         link.symlink_to(real_decoder_dir, target_is_directory=True)
     return cache_dir
+
+
+@pytest.fixture
+def lora_run_copy(lora_run, tmp_path):
+    """A private copy of the shared run, for tests that write into a run directory (evals, pushes), so the
+    shared run keeps exactly the files training wrote (tests/test_train.py asserts that file set)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(lora_run, copy)
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace(str(lora_run), str(copy)))
+    return copy

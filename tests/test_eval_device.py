@@ -33,19 +33,19 @@ class DecodeCounter:
         self.decodes, self.peak = 0, len(self.alive)
 
 
-def test_vlm_tune_eval_decodes_images_per_batch(lora_run, monkeypatch):
+def test_vlm_tune_eval_decodes_images_per_batch(lora_run_copy, monkeypatch):
     """8 rows, batch 2: every image decoded once for generation, never more than a batch alive."""
     from vlm_tune.config import load_config
     from vlm_tune.inference import run_eval
 
-    cfg = load_config(lora_run / "config.yaml", ["eval.batch_size=2"])
+    cfg = load_config(lora_run_copy / "config.yaml", ["eval.batch_size=2"])
     counter = DecodeCounter(monkeypatch)
     metrics = run_eval(cfg, name="lazy")
     # prepare_split checks each row once (decode, drop), generation decodes each row once more
     assert counter.decodes == 2 * 8
     assert counter.peak <= 2, counter.peak
     assert metrics["rows"] == 8 and metrics["n"] == 8
-    saved = json.loads((lora_run / "eval" / "lazy" / "metrics.json").read_text())
+    saved = json.loads((lora_run_copy / "eval" / "lazy" / "metrics.json").read_text())
     assert saved["device"] == "cpu" and saved["dtype"] == "float32"
     assert saved["wall_s"] > 0 and saved["answers_per_s"] == pytest.approx(8 / saved["wall_s"], rel=0.01)
     assert saved["split"] == "test"
