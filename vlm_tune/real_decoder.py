@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -214,15 +211,9 @@ def build_real_decoder_model(out_dir: str | Path, seed: int = 0, spec: RealDecod
     gen = model.generation_config
     gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["<end_of_utterance>"], pad, None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / SPEC_FILE).write_text(json.dumps(_marker(seed, spec), indent=2) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from vlm_tune.tiny import save_built_model
+
+    save_built_model(model, processor, out_dir, SPEC_FILE, _marker(seed, spec))
     return out_dir
 
 

@@ -42,9 +42,6 @@ Approximations (everything else is as published):
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -295,15 +292,9 @@ def build_shape_model(
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / SPEC_FILE).write_text(json.dumps(_marker(name, seed, dtype), indent=2) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from vlm_tune.tiny import save_built_model
+
+    save_built_model(model, processor, out_dir, SPEC_FILE, _marker(name, seed, dtype))
     del model
     return out_dir
 

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from vlm_tune.errors import UserError
 
@@ -235,11 +236,17 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     model.generation_config.eos_token_id = ids["<end_of_utterance>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = None
+    return save_built_model(model, processor, out_dir, "tiny_spec.json", {"seed": seed, **asdict(spec)})
+
+
+def save_built_model(model: Any, processor: Any, out_dir: Path, spec_file: str, spec: dict[str, Any]) -> Path:
+    """Write a locally built model + processor + its spec marker into out_dir atomically (a temp sibling
+    renamed into place), so an interrupted build never leaves a directory that looks complete."""
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "tiny_spec.json").write_text(json.dumps({"seed": seed, **asdict(spec)}, indent=2) + "\n")
+        (tmp / spec_file).write_text(json.dumps(spec, indent=2) + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     finally:

@@ -28,9 +28,6 @@ learned position embeddings (`visual.pos_embed`), interleaved M-RoPE, no default
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -239,10 +236,8 @@ def apply_image_settings(processor: Any, img: Any) -> None:
         hi = img.max_pixels
     if getattr(img, "min_pixels", None) is not None:
         lo = img.min_pixels
-    elif lo > hi:
-        lo = (
-            hi  # a lower cap than the model's floor: the cap wins (else max_pixels would silently do nothing)
-        )
+    elif lo > hi:  # a cap below the model's floor: the cap wins (else max_pixels would silently do nothing)
+        lo = hi
     if lo > hi:
         raise UserError(
             f"model.image.min_pixels ({lo}) is above the pixel cap ({hi}); lower it or raise the cap"
@@ -285,7 +280,7 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vlm_tune.tiny import _replaceable, build_tokenizer
+    from vlm_tune.tiny import _replaceable, build_tokenizer, save_built_model
 
     s = STAND_IN
     out_dir = Path(out_dir)
@@ -373,16 +368,7 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = None
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / "tiny_spec.json").write_text(json.dumps(want, indent=2) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
 
 
 QWEN2_5_VL = Family(
