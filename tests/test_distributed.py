@@ -367,10 +367,11 @@ def test_preflight_progress_bar(cache_dir, tmp_path, capsys):
 
     rowset = load_split(tiny_cfg(cache_dir, tmp_path).data, "test", cache_dir)
     prepare_split(rowset, limit=5, progress=True)
-    shown = capsys.readouterr().out
-    assert "pre-flight test" in shown and "5/5" in shown
+    shown = capsys.readouterr().err  # progress on stderr: stdout carries only results
+    assert "pre-flight test" in shown and "5/5" in shown and "rows/s" in shown
     prepare_split(rowset, limit=5)
-    assert capsys.readouterr().out == "", "quiet unless asked"
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == "", "quiet unless asked"
 
 
 def test_fsdp1_refused_before_training_when_evaluating(cache_dir, tmp_path):

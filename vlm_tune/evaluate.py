@@ -45,6 +45,7 @@ def generate_answers(
     autocast in its compute dtype (float32 trainable weights beside a half-precision base). `progress`: a
     label for a progress bar with answers/s (None: no bar).
     """
+    from vlm_tune.progress import count_bar
     from vlm_tune.runtime import autocast, compute_dtype, model_device
 
     was_training = model.training
@@ -56,7 +57,7 @@ def generate_answers(
     dtype = compute_dtype(model)
     device = model_device(model)
     answers: list[str] = []
-    bar = _progress(progress, len(rows))
+    bar = count_bar(progress, len(rows), "answers")
     try:
         for start in range(0, len(rows), batch_size):
             chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
@@ -86,39 +87,6 @@ def generate_answers(
     if was_training:
         model.train()
     return answers
-
-
-class _Bar:
-    """A rich progress bar on stderr: answers done, answers/s, time left."""
-
-    def __init__(self, label: str, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn(f"[bold]{label}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.t0 = time.perf_counter()
-        self.done = 0
-        self.task = self.progress.add_task(label, total=total, rate="")
-        self.progress.start()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        self.progress.update(self.task, advance=n, rate=f"{rate:.2f} answers/s")
-
-    def stop(self) -> None:
-        self.progress.stop()
-
-
-def _progress(label: str | None, total: int) -> _Bar | None:
-    return _Bar(label, total) if label and total else None
 
 
 def evaluate(

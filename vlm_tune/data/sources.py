@@ -10,7 +10,7 @@ Canonical row: `id` (str), `images` (list of RGB PIL images, in order), `questio
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from vlm_tune.data.images import (  # noqa: F401  (re-exported: the image API of
     video_frames,
 )
 from vlm_tune.errors import BadRow, UserError
+from vlm_tune.progress import track
 
 CHARTQA_COLUMNS = {"image": "image", "question": "query", "answer": "label", "split": "human_or_machine"}
 HUMAN_OR_MACHINE = {0: "human", 1: "augmented", "0": "human", "1": "augmented", "machine": "augmented"}
@@ -350,7 +351,7 @@ def prepare_split(
     prepared = PreparedSplit(rowset, [])
     n = len(rowset) if limit is None else min(limit, len(rowset))
     todo = list(range(n) if indices is None else indices)
-    for i in _track(todo, f"pre-flight {rowset.name}", progress):
+    for i in track(todo, len(todo), f"pre-flight {rowset.name}" if progress else None, "rows"):
         try:
             row = rowset.row(i)
         except BadRow as err:
@@ -379,27 +380,6 @@ def prepare_split(
     if require_rows and not prepared.indices:
         raise UserError(f"{rowset.name}: no usable rows ({prepared.summary()})")
     return prepared
-
-
-def _track(items: list[int], label: str, enabled: bool) -> Iterator[int]:
-    """items, with a rich progress bar (rows done, rate, time left) while enabled."""
-    if not enabled:
-        yield from items
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("rows"),
-        TimeRemainingColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task(label, total=len(items))
-        for i in items:
-            yield i
-            bar.advance(task)
 
 
 class RowDataset:
