@@ -151,7 +151,8 @@ def score(rows: Sequence[dict[str, Any]], predictions: Sequence[str]) -> list[di
     return records
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write text to path through a temp file in the same folder, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -167,8 +168,8 @@ def write_eval(
     metrics = aggregate(records)
     if extra:
         metrics.update(extra)
-    _atomic_write(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -256,7 +256,7 @@ class GenerationEval(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.best is not None and state.is_world_process_zero:
-            self._write()
+            self._write()  # after a resume with no new eval: the history as resumed
 
     def _write(self) -> None:
         if self.best is None:
@@ -271,9 +271,9 @@ class GenerationEval(TrainerCallback):
             },
             indent=2,
         )
-        tmp = self.run_dir / (BEST_FILE + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, self.run_dir / BEST_FILE)
+        from vlm_tune.evaluate import atomic_write
+
+        atomic_write(self.run_dir / BEST_FILE, text + "\n")
 
 
 def resolve_workers(value: int | str, cuda: bool, cpus: int) -> int:
