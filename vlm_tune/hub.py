@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from vlm_tune.errors import UserError
+from vlm_tune.families import Family, family_of_processor_class
 
 TAGS = ["vlm-tune", "lora", "chart-qa", "smolvlm", "image-text-to-text"]
 CARD_NAME = "README.md"
@@ -83,6 +84,16 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     if not isinstance(prompt, dict) or "user_template" not in prompt:
         raise UserError(f"{final / 'prompt.json'}: needs keys system and user_template; re-run training")
     return {"cfg": cfg, "adapter": adapter, "prompt": prompt, "config_path": cfg_path}
+
+
+def _run_family(final: Path) -> Family:
+    """The family of a finished run, from the processor class saved beside its adapter or model."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = final / name
+        cls = json.loads(path.read_text()).get("processor_class") if path.is_file() else None
+        if cls:
+            return family_of_processor_class(cls)
+    raise UserError(f"{final}: no processor_config.json naming the processor class; re-run training")
 
 
 def _evals(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -210,7 +221,7 @@ def _training_section(cfg: dict[str, Any], adapter: dict[str, Any]) -> list[str]
     return lines
 
 
-def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool) -> list[str]:
+def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: Family) -> list[str]:
     model_cfg = cfg.get("model") or {}
     dtype = (
         model_cfg.get("dtype") if model_cfg.get("dtype") in ("float32", "bfloat16", "float16") else "float32"
@@ -233,14 +244,7 @@ def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool) -> lis
         'prompt = json.loads(Path(path, "prompt.json").read_text())  # the prompt contract used in training',
         "processor = AutoProcessor.from_pretrained(path)",
     ]
-    if image.get("longest_edge"):
-        code.append(f'processor.image_processor.size = {{"longest_edge": {int(image["longest_edge"])}}}')
-    if image.get("tile_size"):
-        code.append(
-            f'processor.image_processor.max_image_size = {{"longest_edge": {int(image["tile_size"])}}}'
-        )
-    if image.get("do_image_splitting") is not None:
-        code.append(f"processor.image_processor.do_image_splitting = {bool(image['do_image_splitting'])}")
+    code += fam.card_image_lines(image)  # the family's resolution knobs, as vlm-tune set them
     if is_adapter:
         code += [
             f"model = AutoModelForImageTextToText.from_pretrained({json.dumps(base)}, dtype=torch.{dtype})",
@@ -262,8 +266,8 @@ def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool) -> lis
         "    text = processor.apply_chat_template(messages, add_generation_prompt=True)",
         '    inputs = processor(text=[text], images=[images], return_tensors="pt").to(model.device)',
         '    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)',
-        '    end = getattr(processor, "end_of_utterance_token", None) or processor.tokenizer.eos_token',
-        "    eos = [processor.tokenizer.convert_tokens_to_ids(end), processor.tokenizer.eos_token_id]",
+        f"    end = processor.tokenizer.convert_tokens_to_ids({json.dumps(fam.end_of_turn)})  # closes an answer",
+        "    eos = [end, processor.tokenizer.eos_token_id]",
         "    with torch.no_grad():",
         "        out = model.generate(**inputs, max_new_tokens=16, do_sample=False, eos_token_id=eos)",
         '    new = out[0, inputs["input_ids"].shape[1] :]',
@@ -346,7 +350,8 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, merged: bo
     lines += _training_section(cfg, adapter)
     needs = "`transformers`, `peft`, `torch`" if is_adapter else "`transformers`, `torch`"
     lines += ["## Use it", "", f"Needs {needs} and `pillow` (no vlm-tune):", ""]
-    lines += _code_block("\n".join(_snippet(repo_id or "ORG/NAME", base, cfg, is_adapter)), "python")
+    fam = _run_family(run_dir / "final")
+    lines += _code_block("\n".join(_snippet(repo_id or "ORG/NAME", base, cfg, is_adapter, fam)), "python")
     if merged:
         lines += [
             "",

@@ -18,6 +18,7 @@ from typing import Any
 
 from vlm_tune.config import BUILTIN_TINY
 from vlm_tune.errors import UserError
+from vlm_tune.families import all_families
 from vlm_tune.real_decoder import BUILTIN_SMOLLM2
 
 
@@ -25,11 +26,13 @@ from vlm_tune.real_decoder import BUILTIN_SMOLLM2
 class StandIn:
     """How to stand in for one model id: the family (classes) and its published processor settings."""
 
-    family: str  # "builtin", "idefics3" (SmolVLM) or "smolvlm" (SmolVLM2)
+    family: str  # "builtin", "idefics3" (SmolVLM), "smolvlm" (SmolVLM2), or a vlm_tune.families name
     tile_size: int = 0  # vision image_size = processor max_image_size
     patch_size: int = 0
     scale_factor: int = 0
     longest_edge: int = 0
+    # other families: the checkpoint's published processor/vision settings, passed to Family.build_stand_in
+    published: tuple[tuple[str, Any], ...] = ()
 
 
 STAND_INS: dict[str, StandIn] = {
@@ -61,6 +64,11 @@ def build_stand_in_model(name_or_path: str, out_dir: str | Path, seed: int = 0) 
     if s.family == "builtin":
         raise UserError(f"{name_or_path} is built by vlm-tune itself; rehearse it as it is")
     out_dir = Path(out_dir)
+    fam = next((f for f in all_families() if f.name == s.family), None)
+    if fam is not None:
+        built = fam.build_stand_in(out_dir, seed=seed, **dict(s.published))
+        (built / "stand_in.json").write_text(json.dumps({"stands_in_for": name_or_path}) + "\n")
+        return built
     tokenizer = build_tokenizer()
     image_seq_len = (s.tile_size // s.patch_size) ** 2 // s.scale_factor**2
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<|endoftext|>", "<end_of_utterance>")}

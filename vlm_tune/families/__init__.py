@@ -32,8 +32,13 @@ class Family:
     ]  # prefixes of the projector's parameters (may sit inside the vision tower)
     vision_save_modules: Callable[[Any], list[str]]  # model → modules trained fully under model.train_vision
     apply_image_settings: Callable[[Any, Any], None]  # (processor, ImageSection) → processor knobs
-    build_stand_in: Callable[..., Path]  # (out_dir, seed=0) → saved stand-in directory
+    # (out_dir, seed=0, **published) → saved stand-in directory; `published` overrides the tiny processor
+    # settings with a real checkpoint's (vlm_tune.rehearsal.STAND_INS), dims stay tiny
+    build_stand_in: Callable[..., Path]
     load_processor: Callable[[str, str | None], Any] | None = None  # when AutoProcessor is not enough
+    # model.image (a dict, as saved in config.yaml) → lines of the model card's snippet that set the same
+    # knobs on `processor` after AutoProcessor.from_pretrained (so the card answers like vlm-tune)
+    card_image_lines: Callable[[dict[str, Any]], list[str]] = lambda image: []
 
 
 def _families() -> tuple[Family, ...]:
@@ -79,7 +84,11 @@ def family_of_model(model: Any) -> Family:
 
 def family_of_processor(processor: Any) -> Family:
     """Family of a loaded processor, by its class name."""
-    name = type(processor).__name__
+    return family_of_processor_class(type(processor).__name__)
+
+
+def family_of_processor_class(name: str) -> Family:
+    """Family of a processor class name (as saved in processor_config.json)."""
     for f in _families():
         if name in f.processor_classes:
             return f

@@ -245,6 +245,25 @@ def apply_image_settings(processor: Any, img: Any) -> None:
     ip.size = {"shortest_edge": lo, "longest_edge": hi}
 
 
+def card_image_lines(image: dict[str, Any]) -> list[str]:
+    """The model card snippet's lines that give a loaded Qwen processor vlm-tune's pixel budget."""
+    hi = image.get("max_pixels") or (image["longest_edge"] ** 2 if image.get("longest_edge") else None)
+    lo = image.get("min_pixels")
+    if hi is None and lo is None:
+        return []
+    lines = [
+        "size = dict(processor.image_processor.size)  # pixel budget: shortest_edge = min, longest = max"
+    ]
+    if hi is not None:
+        lines.append(f'size["longest_edge"] = {int(hi)}')
+    if lo is not None:
+        lines.append(f'size["shortest_edge"] = {int(lo)}')
+    else:
+        lines.append('size["shortest_edge"] = min(size["shortest_edge"], size["longest_edge"])')
+    lines.append("processor.image_processor.size = size")
+    return lines
+
+
 def _vision_save_modules(model: Any) -> list[str]:
     """Modules of the vision tower (not the merger) to train fully under model.train_vision."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -274,15 +293,21 @@ STAND_IN = {  # small dims; published processor classes and token layout; patch 
 }
 
 
-def _build(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build (or reuse, if the same spec) the tiny stand-in of `kind` ('qwen2_5_vl' or 'qwen3_vl') in out_dir."""
+def _build(kind: str, out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
+    """Build (or reuse, if the same spec) the tiny stand-in of `kind` ('qwen2_5_vl' or 'qwen3_vl') in out_dir.
+
+    `published` overrides processor settings (patch_size, merge_size, min_pixels, max_pixels, image_mean,
+    image_std) with a real checkpoint's, for the rehearsal of a shipped config; the dims stay tiny."""
     import torch
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlm_tune.tiny import _replaceable, build_tokenizer, save_built_model
 
-    s = STAND_IN
+    unknown = set(published) - set(STAND_IN) - {"image_mean", "image_std"}
+    if unknown:
+        raise ValueError(f"unknown Qwen stand-in settings: {sorted(unknown)}")
+    s = {**STAND_IN, **published}
     out_dir = Path(out_dir)
     want = {"family": kind, "seed": seed, **s}
     marker = out_dir / "tiny_spec.json"
@@ -297,6 +322,7 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     qwen3 = kind == "qwen3_vl"
     mean_std = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if qwen3 else {}  # Qwen2.5: CLIP's defaults
+    mean_std |= {k: s[k] for k in ("image_mean", "image_std") if k in s}
     ip = Qwen2VLImageProcessorPil(
         min_pixels=s["min_pixels"],
         max_pixels=s["max_pixels"],
@@ -387,8 +413,9 @@ QWEN2_5_VL = Family(
     projector_modules=("model.visual.merger",),
     vision_save_modules=_vision_save_modules,
     apply_image_settings=apply_image_settings,
-    build_stand_in=lambda out_dir, seed=0: _build("qwen2_5_vl", out_dir, seed),
+    build_stand_in=lambda out_dir, seed=0, **published: _build("qwen2_5_vl", out_dir, seed, **published),
     load_processor=_loader("Qwen2_5_VLProcessor"),
+    card_image_lines=card_image_lines,
 )
 
 QWEN3_VL = Family(
@@ -407,6 +434,7 @@ QWEN3_VL = Family(
     projector_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
     vision_save_modules=_vision_save_modules,
     apply_image_settings=apply_image_settings,
-    build_stand_in=lambda out_dir, seed=0: _build("qwen3_vl", out_dir, seed),
+    build_stand_in=lambda out_dir, seed=0, **published: _build("qwen3_vl", out_dir, seed, **published),
     load_processor=_loader("Qwen3VLProcessor"),
+    card_image_lines=card_image_lines,
 )

@@ -44,7 +44,22 @@ def apply_image_settings(processor: Any, img: Any) -> None:
         ip.do_image_splitting = img.do_image_splitting
 
 
+def card_image_lines(image: dict[str, Any]) -> list[str]:
+    """The model card snippet's lines that set model.image on a loaded SmolVLM processor."""
+    lines = []
+    if image.get("longest_edge"):
+        lines.append(f'processor.image_processor.size = {{"longest_edge": {int(image["longest_edge"])}}}')
+    if image.get("tile_size"):
+        lines.append(
+            f'processor.image_processor.max_image_size = {{"longest_edge": {int(image["tile_size"])}}}'
+        )
+    if image.get("do_image_splitting") is not None:
+        lines.append(f"processor.image_processor.do_image_splitting = {bool(image['do_image_splitting'])}")
+    return lines
+
+
 def _build_stand_in(out_dir: str | Path, seed: int = 0) -> Path:
+    """builtin:tiny (real SmolVLM checkpoints are rehearsed by vlm_tune.rehearsal's own SmolVLM builder)."""
     from vlm_tune.tiny import ensure_tiny_model
 
     return ensure_tiny_model(out_dir, seed)
@@ -71,4 +86,5 @@ FAMILY = Family(
     apply_image_settings=apply_image_settings,
     build_stand_in=_build_stand_in,
     load_processor=_load_processor,
+    card_image_lines=card_image_lines,
 )
