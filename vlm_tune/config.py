@@ -68,6 +68,16 @@ class ImageSection(Section):
         description="Qwen families: most pixels an image is resized to (processor size.longest_edge); fewer "
         "pixels = fewer image tokens. For Qwen, longest_edge L means max_pixels L*L.",
     )
+    pan_and_scan: bool | None = Field(
+        None,
+        description="Gemma 3: also cut wide/tall images (aspect >= 1.2) into crops, 256 more tokens each "
+        "(processor do_pan_and_scan). None = model default (off).",
+    )
+    max_crops: int | None = Field(
+        None,
+        ge=1,
+        description="Gemma 3 pan-and-scan: most crops per image (pan_and_scan_max_num_crops; default 4).",
+    )
 
 
 class ModelSection(Section):
@@ -75,7 +85,7 @@ class ModelSection(Section):
         BUILTIN_TINY,
         description="Hub id, local directory, or an offline model built on demand: 'builtin:tiny' (SmolVLM), "
         "'builtin:tiny-qwen2.5-vl', 'builtin:tiny-qwen3-vl', 'builtin:smollm2-135m' (real SmolLM2-135M decoder "
-        "+ small vision tower; extra [real-decoder]).",
+        "+ small vision tower; extra [real-decoder]), 'builtin:tiny-gemma3'.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -171,6 +171,10 @@ def setup_training(model: Any, cfg: Config) -> Any:
     if cfg.model.train_vision and not (isinstance(targets, list) and "vision" in targets):
         # vision tower (not the projector) trained fully, saved with the adapter
         modules_to_save += fam.vision_save_modules(model)
+    if fam.full_projector and isinstance(targets, list) and "projector" in targets:
+        # a projector without nn.Linear layers (Gemma 3) is trained fully instead of through LoRA
+        modules_to_save += list(fam.full_projector)
+        targets = [t for t in targets if t != "projector"]
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,

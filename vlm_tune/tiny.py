@@ -136,9 +136,11 @@ def build_tokenizer(
     special_tokens: list[str] | None = None,
     eos: str = "<end_of_utterance>",
     pad: str = "<|endoftext|>",
+    extra_corpus: tuple[str, ...] = (),
     **tokenizer_kwargs,
 ):
-    """A byte-level BPE trained on chart-QA vocabulary, with a family's special tokens (default: Idefics3's)."""
+    """A byte-level BPE trained on chart-QA vocabulary (plus `extra_corpus`, e.g. a family's newline runs), with
+    a family's special tokens (default: Idefics3's)."""
     special_tokens = special_tokens or SPECIAL_TOKENS
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -152,7 +154,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(sorted(_corpus()), trainer=trainer)
+    tok.train_from_iterator(sorted(_corpus() + list(extra_corpus)), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=eos,

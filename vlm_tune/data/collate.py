@@ -56,8 +56,12 @@ class ChatCollator:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def answer_spans(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans of every assistant answer + end-of-turn."""
+    def answer_spans(
+        self, messages: list[dict[str, Any]], row_id: Any = None
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of every assistant answer + end-of-turn.
+
+        An answer the template changes (Gemma 3's trims whitespace) is refused, naming the row."""
         full = self.render(messages)
         spans = []
         for i, message in enumerate(messages):
@@ -72,6 +76,13 @@ class ChatCollator:
                 )
             end = upto.find(self.eot, len(prefix))
             end = len(upto) if end < 0 else end + len(self.eot)
+            answer = _text_of(message["content"])
+            if answer not in upto[len(prefix) : end]:
+                raise UserError(
+                    f"row {row_id}: the chat template changes the answer {answer!r} (it renders "
+                    f"{upto[len(prefix) : end]!r}), so training would teach a different text; write the answer "
+                    "as the template keeps it (e.g. without leading/trailing whitespace, which Gemma 3 trims)"
+                )
             spans.append((len(prefix), end))
         return full, spans
 
@@ -88,6 +99,7 @@ class ChatCollator:
                 return_tensors="pt",
                 return_offsets_mapping=True,
                 return_text_replacement_offsets=True,
+                add_special_tokens=False,  # the chat template wrote them (Gemma's <bos>: else twice)
             )
         finally:
             tok.padding_side = old
@@ -97,7 +109,7 @@ class ChatCollator:
         texts, all_spans = [], []
         for row in rows:
             messages = build_messages(row, self.system, self.user_template, with_answer=True)
-            text, spans = self.answer_spans(messages)
+            text, spans = self.answer_spans(messages, row.get("id"))
             texts.append(text)
             all_spans.append(spans)
         enc = self._encode(texts, [list(r["images"]) for r in rows], padding_side="right")
@@ -161,16 +173,25 @@ def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int
 def count_tokens(processor: Any, collator: ChatCollator, row: dict[str, Any]) -> dict[str, int]:
     """Token budget of one row without running the image processor: total, image and supervised tokens."""
     messages = build_messages(row, collator.system, collator.user_template, with_answer=True)
-    text, spans = collator.answer_spans(messages)
+    text, spans = collator.answer_spans(messages, row.get("id"))
     tok = processor.tokenizer
-    enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
     sizes = [(im.height, im.width) for im in row["images"]]
-    image_tokens = sum(image_token_counts(processor, sizes)) if sizes else 0
     placeholder = getattr(processor, "image_token", "<image>")
     n_placeholders = text.count(placeholder)
     supervised = sum(1 for (s, e) in enc["offset_mapping"] for (a, b) in spans if e > s and s >= a and e <= b)
-    return {
-        "total": len(enc["input_ids"]) - n_placeholders + image_tokens,
-        "image": image_tokens,
-        "supervised": supervised,
-    }
+    expand = family_of_processor(processor).expand_image_placeholders
+    if expand is not None and sizes:
+        total = len(tok(expand(processor, text, sizes), add_special_tokens=False)["input_ids"])
+        image_tokens = total - (len(enc["input_ids"]) - n_placeholders)
+    else:
+        image_tokens = sum(image_token_counts(processor, sizes)) if sizes else 0
+        total = len(enc["input_ids"]) - n_placeholders + image_tokens
+    return {"total": total, "image": image_tokens, "supervised": supervised}
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content (a string or a list of parts)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")

@@ -39,12 +39,19 @@ class Family:
     # model.image (a dict, as saved in config.yaml) → lines of the model card's snippet that set the same
     # knobs on `processor` after AutoProcessor.from_pretrained (so the card answers like vlm-tune)
     card_image_lines: Callable[[dict[str, Any]], list[str]] = lambda image: []
+    # (processor, rendered text, image (height, width)s) → the text the processor tokenizes once each image
+    # placeholder is expanded, without the image processor; for count_tokens where the expansion tokenizes
+    # differently in context (Gemma 3's newlines, pan-and-scan crops). None: the count adds tokens per image.
+    expand_image_placeholders: Callable[[Any, str, list[tuple[int, int]]], str] | None = None
+    # projector modules LoRA cannot wrap (no nn.Linear, e.g. Gemma 3's matmul weight): lora.targets
+    # "projector" trains them fully instead (modules_to_save, saved with the adapter)
+    full_projector: tuple[str, ...] = ()
 
 
 def _families() -> tuple[Family, ...]:
-    from vlm_tune.families import qwen, smolvlm
+    from vlm_tune.families import gemma3, qwen, smolvlm
 
-    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL)
+    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, gemma3.FAMILY)
 
 
 def all_families() -> tuple[Family, ...]:
