@@ -66,6 +66,18 @@ STAND_INS: dict[str, StandIn] = {
             ("image_std", [0.5, 0.5, 0.5]),
         ),
     ),
+    # Gemma 3 4B: preprocessor_config.json (896 x 896, mean/std 0.5) and config.json (SigLIP patch 14,
+    # mm_tokens_per_image 256)
+    "google/gemma-3-4b-it": StandIn(
+        "gemma3",
+        published=(
+            ("image_size", 896),
+            ("patch_size", 14),
+            ("mm_tokens_per_image", 256),
+            ("image_mean", [0.5, 0.5, 0.5]),
+            ("image_std", [0.5, 0.5, 0.5]),
+        ),
+    ),
 }
 
 
