@@ -195,6 +195,14 @@ def test_other_resolution_knobs_are_refused_naming_the_gemma_knobs(stand_in, kno
         load_processor(str(stand_in), cfg)
 
 
+def test_longest_edge_equal_to_the_fixed_square_changes_nothing(stand_in):
+    from vlm_tune.model import load_processor
+
+    cfg = build_config({"model": {"name_or_path": str(stand_in)}}, ["model.image.longest_edge=64"])
+    p = load_processor(str(stand_in), cfg)  # the stand-in's square is 64 px (the quickstart's longest_edge)
+    assert p.image_processor.size["height"] == 64 and not p.images_kwargs["do_pan_and_scan"]
+
+
 def test_max_crops_without_pan_and_scan_is_refused(stand_in):
     from vlm_tune.model import load_processor
 
@@ -222,3 +230,19 @@ def test_card_lines_give_a_plain_processor_the_trained_resolution(stand_in):
     plain = AutoProcessor.from_pretrained(stand_in)(text=[text], images=wide, return_tensors="pt")
     assert n[0] == n[1] > plain["input_ids"].shape[1]
     assert FAMILY.card_image_lines({}) == []
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2.5-vl"])
+def test_other_families_refuse_the_pan_and_scan_knobs(family, tiny_dir, tmp_path):
+    from vlm_tune.families import all_families
+    from vlm_tune.model import load_processor
+
+    path = (
+        tiny_dir
+        if family == "smolvlm"
+        else next(f for f in all_families() if f.name == family).build_stand_in(tmp_path / family)
+    )
+    for knob in ("pan_and_scan=true", "max_crops=2"):
+        cfg = build_config({"model": {"name_or_path": str(path)}}, [f"model.image.{knob}"])
+        with pytest.raises(UserError, match=f"model.image.{knob.split('=')[0]}"):
+            load_processor(str(path), cfg)

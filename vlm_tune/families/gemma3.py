@@ -114,13 +114,17 @@ PAN_AND_SCAN_DEFAULTS = {"min_crop_size": 256, "max_num_crops": 4, "min_ratio_to
 
 # -- resolution ---------------------------------------------------------------------------------------------
 def apply_image_settings(processor: Any, img: Any) -> None:
-    """model.image → the Gemma 3 processor's pan-and-scan kwargs; every other resolution knob is refused."""
+    """model.image → the Gemma 3 processor's pan-and-scan kwargs; every other resolution knob is refused
+    (longest_edge only when it is the square Gemma 3 resizes to anyway, e.g. 896 for the published models)."""
+    square = _square(processor)
     for key, field in type(img).model_fields.items():
         value = getattr(img, key)
+        if key == "longest_edge" and value == square:
+            continue  # the size Gemma 3 resizes to anyway: nothing to change
         if key not in ("pan_and_scan", "max_crops") and value is not None and value != field.default:
             raise UserError(
                 f"model.image.{key} does not apply to Gemma 3: it resizes every image to a fixed square "
-                f"({_square(processor)} px, {processor.image_seq_length} image tokens); the knobs it has are "
+                f"({square} px, {processor.image_seq_length} image tokens); the knobs it has are "
                 "model.image.pan_and_scan (also cut wide or tall images into crops, each as many tokens again) "
                 "and model.image.max_crops"
             )
