@@ -121,6 +121,18 @@ def test_soft_tokens_attend_bidirectionally_in_training_text_stays_causal(stand_
     assert (causal[True] - causal[False]).abs().amax(-1)[first] == 0  # the mask came from token_type_ids
 
 
+def test_check_sample_collapses_the_soft_tokens(processor):
+    from vlm_tune.check import render_supervision
+
+    batch = ChatCollator(processor, None, TEMPLATE)([row("3", [img()])])
+    shown = render_supervision(processor, batch)
+    assert (
+        "<start_of_image><image_soft_token>×16<end_of_image>" in shown
+        and shown.count("<image_soft_token>") == 1
+    )
+    assert "[[3<end_of_turn>]]" in shown
+
+
 def test_preflight_count_uses_the_expansion_in_context(processor):
     """The expansion's \\n\\n merge with the template's newlines; counting image tokens per image is off."""
     collator = ChatCollator(processor, "You read charts.", TEMPLATE)

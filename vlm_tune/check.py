@@ -31,7 +31,9 @@ def render_supervision(processor: Any, batch: dict[str, Any], b: int = 0) -> str
     labels = batch["labels"][b].tolist()
     mask = batch["attention_mask"][b].tolist()
     tok = processor.tokenizer
-    image = getattr(processor, "image_token", "<image>")  # the token repeated per image patch (family's)
+    # the token repeated per image patch (family's; Gemma 3's processor.image_token is <start_of_image>, the
+    # repeated soft token is its tokenizer's image_token)
+    image = getattr(tok, "image_token", None) or getattr(processor, "image_token", "<image>")
     out, inside, run_token, run = [], False, None, 0
     for t, lab, m in zip(ids, labels, mask, strict=True):
         if not m:
