@@ -85,6 +85,7 @@ class ChatCollator:
                 text=texts,
                 images=images,
                 padding=True,
+                padding_side=padding_side,  # some processors (InternVL) default to their own side otherwise
                 return_tensors="pt",
                 return_offsets_mapping=True,
                 return_text_replacement_offsets=True,

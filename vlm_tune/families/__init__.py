@@ -42,9 +42,9 @@ class Family:
 
 
 def _families() -> tuple[Family, ...]:
-    from vlm_tune.families import qwen, smolvlm
+    from vlm_tune.families import internvl, qwen, smolvlm
 
-    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL)
+    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, internvl.FAMILY)
 
 
 def all_families() -> tuple[Family, ...]:

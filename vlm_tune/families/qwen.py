@@ -222,7 +222,7 @@ def _loader(class_name: str):
 
 def apply_image_settings(processor: Any, img: Any) -> None:
     """model.image → the Qwen image processor's pixel budget (`size` shortest_edge/longest_edge, in pixels)."""
-    for key in ("tile_size", "do_image_splitting"):
+    for key in ("tile_size", "do_image_splitting", "max_patches", "min_patches"):
         if getattr(img, key, None) is not None:
             raise UserError(
                 f"model.image.{key}: Qwen models do not tile images; set model.image.max_pixels (and min_pixels) "
