@@ -41,6 +41,11 @@ STAND_INS: dict[str, StandIn] = {
     "HuggingFaceTB/SmolVLM-256M-Instruct": StandIn("idefics3", 512, 16, 4, 2048),
     "HuggingFaceTB/SmolVLM-Instruct": StandIn("idefics3", 384, 14, 3, 1536),
     "HuggingFaceTB/SmolVLM2-256M-Video-Instruct": StandIn("smolvlm", 512, 16, 4, 2048),
+    # transformers' convert_internvl_weights_to_hf.py: GotOcr2 448-px tiles, 1-12 patches, ImageNet mean/std
+    "OpenGVLab/InternVL3-1B-hf": StandIn(
+        "internvl",
+        published=(("tile_size", 448), ("patch_size", 14), ("min_patches", 1), ("max_patches", 12)),
+    ),
 }
 
 
