@@ -77,6 +77,12 @@ def test_each_tiling_knob_changes_the_token_count_and_the_processor_agrees(stand
     assert tokens("model.image.max_patches=1") == 1 * seq + 2  # one resized tile, no thumbnail
     assert tokens("model.image.do_image_splitting=false") == 1 * seq + 2
     assert tokens("model.image.do_image_splitting=true") == default
+    # longest_edge L: the tile budget of an L x L image (64*64 / 32*32 = 4 tiles), as Qwen's L means L*L pixels
+    assert (
+        tokens("model.image.longest_edge=64") == tokens("model.image.max_patches=4") == 3 * seq + 2
+    )  # 2x1+1
+    assert tokens("model.image.longest_edge=40") == 1 * seq + 2  # 1600 // 1024 = 1 tile
+    assert tokens("model.image.longest_edge=64", "model.image.max_patches=1") == 1 * seq + 2  # explicit wins
     assert tokens("model.image.min_patches=10") == 13 * seq + 2  # 4x3 + thumbnail (10-12 tiles allowed)
     # a square image with min_patches=1 and max 3: 1x1 (no thumbnail) beats 2x1/1x2 on aspect ratio
     assert tokens("model.image.max_patches=3", image=img(64, 64)) == 1 * seq + 2
@@ -85,7 +91,6 @@ def test_each_tiling_knob_changes_the_token_count_and_the_processor_agrees(stand
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["model.image.longest_edge=448"], "model.image.longest_edge.*max_patches"),
         (["model.image.tile_size=448"], "model.image.tile_size.*max_patches"),
         (["model.image.max_pixels=4096"], "model.image.max_pixels.*Qwen"),
         (["model.image.min_pixels=4096"], "model.image.min_pixels.*Qwen"),
@@ -137,7 +142,14 @@ def test_training_batches_right_padded_even_without_a_saved_padding_side(stand_i
 
 @pytest.mark.parametrize(
     "image",
-    [{"max_patches": 2}, {"max_patches": 6, "min_patches": 3}, {"do_image_splitting": False}, {}],
+    [
+        {"max_patches": 2},
+        {"max_patches": 6, "min_patches": 3},
+        {"do_image_splitting": False},
+        {"longest_edge": 40},
+        {"longest_edge": 96, "min_patches": 2},
+        {},
+    ],
 )
 def test_card_lines_give_a_loaded_processor_vlm_tunes_tiling(stand_in, image):
     from vlm_tune.model import load_processor

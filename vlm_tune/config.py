@@ -72,7 +72,7 @@ class ImageSection(Section):
         None,
         ge=1,
         description="InternVL: most tiles an image is cut into (+1 thumbnail when over 1; each tile = 256 "
-        "tokens at 448 px); 1 = one resized tile. Published 12.",
+        "tokens at 448 px); 1 = one resized tile. Published 12. InternVL reads longest_edge L as L*L/tile^2.",
     )
     min_patches: int | None = Field(
         None, ge=1, description="InternVL: fewest tiles an image is cut into (published 1)."

@@ -14,8 +14,9 @@ GOT-OCR2 image processor and an InternVL video processor.
   ratio (a 64x48 chart becomes a 4x3 grid + thumbnail = 13 tiles, like an 800x600 one). Each tile costs
   image_seq_length tokens (published: (448/14)^2 * 0.5^2 = 256, pixel shuffle 0.5).
   model.image.max_patches / min_patches set the image processor's; do_image_splitting false = max_patches 1
-  (one resized tile). Tiles are the vision encoder's fixed input, so longest_edge, tile_size and the Qwen
-  pixel knobs have no meaning here: they are rejected. The processor class forces `crop_to_patches=True`
+  (one resized tile); longest_edge L = the tile budget of an L x L image (max_patches = L*L // tile**2, at
+  least 1; as Qwen's L means max_pixels L*L), explicit max_patches wins. Tiles are the vision encoder's
+  fixed input, so tile_size and the Qwen pixel knobs have no meaning here: they are rejected. The processor class forces `crop_to_patches=True`
   at call time whatever the image processor's saved value (published False), so tiling is turned off
   through max_patches, which both image processor backends honour and which is saved with the processor.
 - Module names: decoder `model.language_model.layers.N.{self_attn.(q|k|v|o)_proj, mlp.(gate|up|down)_proj}`
@@ -125,7 +126,6 @@ def apply_image_settings(processor: Any, img: Any) -> None:
         "InternVL tiles every image into fixed tiles; set model.image.max_patches (and min_patches) instead"
     )
     for key, why in (
-        ("longest_edge", "the image's size does not count, only its aspect ratio"),
         ("tile_size", "the tile is the vision encoder's fixed input size"),
         ("min_pixels", "it is a Qwen knob"),
         ("max_pixels", "it is a Qwen knob"),
@@ -135,6 +135,8 @@ def apply_image_settings(processor: Any, img: Any) -> None:
     ip = processor.image_processor
     lo = img.min_patches if img.min_patches is not None else int(ip.min_patches)
     hi = img.max_patches if img.max_patches is not None else int(ip.max_patches)
+    if img.longest_edge is not None and img.max_patches is None:
+        hi = max(1, img.longest_edge**2 // (int(ip.size["height"]) * int(ip.size["width"])))
     if img.do_image_splitting is False:
         if img.max_patches is not None and img.max_patches > 1:
             raise UserError(
@@ -157,16 +159,23 @@ def apply_image_settings(processor: Any, img: Any) -> None:
 
 def card_image_lines(image: dict[str, Any]) -> list[str]:
     """The model card snippet's lines that give a loaded InternVL processor vlm-tune's tiling."""
-    hi = 1 if image.get("do_image_splitting") is False else image.get("max_patches")
+    ip = "processor.image_processor"
+    if image.get("do_image_splitting") is False:
+        hi = "1"
+    elif image.get("max_patches") is not None:
+        hi = str(int(image["max_patches"]))
+    elif image.get("longest_edge"):  # the tile budget of an L x L image
+        edge = int(image["longest_edge"])
+        hi = f'max(1, {edge * edge} // ({ip}.size["height"] * {ip}.size["width"]))'
+    else:
+        hi = None
     lines = []
     if hi is not None:
-        lines.append(f"processor.image_processor.max_patches = {int(hi)}  # tiles per image (+1 thumbnail)")
+        lines.append(f"{ip}.max_patches = {hi}  # tiles per image (+1 thumbnail when over 1)")
     if image.get("min_patches") is not None:
-        lines.append(f"processor.image_processor.min_patches = {int(image['min_patches'])}")
+        lines.append(f"{ip}.min_patches = {int(image['min_patches'])}")
     elif hi is not None:
-        lines.append(
-            f"processor.image_processor.min_patches = min(processor.image_processor.min_patches, {int(hi)})"
-        )
+        lines.append(f"{ip}.min_patches = min({ip}.min_patches, {ip}.max_patches)")
     return lines
 
 
