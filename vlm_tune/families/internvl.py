@@ -24,7 +24,8 @@ GOT-OCR2 image processor and an InternVL video processor.
   (after a LayerNorm); vision tower `model.vision_tower` (InternViT: `encoder.layer.N.attention.{q,k,v}_proj`,
   `attention.projection_layer`, `mlp.fc1/fc2`; its q/k/v names equal the decoder's, so presets are anchored).
 - Without torchvision (CPU machines here) the video processor cannot be built, so AutoProcessor fails:
-  vlm-tune then loads an image-only subclass with the same class name (saved files stay standard).
+  vlm-tune then loads an image-only subclass with the same class name (saved files stay standard, with a
+  video_preprocessor_config.json so that AutoProcessor loads them where torchvision is installed).
 """
 
 from __future__ import annotations
@@ -91,9 +92,31 @@ CHAT_TEMPLATE = (
 
 
 # -- processor --------------------------------------------------------------------------------------------
+def _video_config(processor: Any) -> dict[str, Any]:
+    """A video_preprocessor_config.json for a processor built without its video processor: InternVL's class
+    with the image processor's tile size and normalisation (frame sampling: class defaults). AutoProcessor
+    needs this file to load the saved processor where torchvision is installed."""
+    ip = processor.image_processor
+    return {
+        "video_processor_type": "InternVLVideoProcessor",
+        "processor_class": "InternVLProcessor",
+        "size": dict(ip.size),
+        "resample": int(ip.resample),
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": ip.rescale_factor,
+        "do_normalize": True,
+        "image_mean": list(ip.image_mean),
+        "image_std": list(ip.image_std),
+        "do_convert_rgb": True,
+        "initial_shift": True,
+    }
+
+
 def _image_only() -> type:
     """InternVLProcessor without its video processor, under the same class name (saved files name the real
-    class)."""
+    class). Saving writes the checkpoint's own video_preprocessor_config.json (kept from where it was loaded),
+    or one derived from the image processor: the saved folder loads with plain AutoProcessor elsewhere."""
     from transformers import InternVLProcessor
 
     def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kw):  # noqa: N807
@@ -107,17 +130,33 @@ def _image_only() -> type:
             **kw,
         )
 
-    return type("InternVLProcessor", (InternVLProcessor,), {"__init__": __init__, "__module__": __name__})
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        out = InternVLProcessor.save_pretrained(self, save_directory, *args, **kwargs)
+        target = Path(save_directory) / "video_preprocessor_config.json"
+        source = getattr(self, "_video_config_source", None)
+        if source and Path(source).is_file():
+            if Path(source).resolve() != target.resolve():
+                target.write_bytes(Path(source).read_bytes())
+        else:
+            target.write_text(json.dumps(_video_config(self), indent=2) + "\n")
+        return out
+
+    attrs = {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__}
+    return type("InternVLProcessor", (InternVLProcessor,), attrs)
 
 
 def load_processor(path: str, revision: str | None = None) -> Any:
     """AutoProcessor where torchvision is installed; the image-only InternVLProcessor where it is not."""
     from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
+    from transformers.utils import cached_file, is_torchvision_available
 
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(path, revision=revision)
-    return _image_only().from_pretrained(path, revision=revision)
+    processor = _image_only().from_pretrained(path, revision=revision)
+    processor._video_config_source = cached_file(
+        path, "video_preprocessor_config.json", revision=revision, _raise_exceptions_for_missing_entries=False
+    )
+    return processor
 
 
 def apply_image_settings(processor: Any, img: Any) -> None:
