@@ -318,3 +318,16 @@ def test_frozen_tower_spares_the_projector_and_train_vision_saves_the_tower(name
         if n.startswith(f.vision_module) and not n.startswith(f.projector_modules)
     )
     assert lora_module_names(lora)
+
+
+def test_tiny_model_command_builds_each_family(tmp_path, capsys):
+    from vlm_tune.cli import main
+
+    assert main(["tiny-model", str(tmp_path / "q"), "--family", "qwen3-vl", "--seed", "1"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == str(tmp_path / "q")
+    assert family_of_config(json.loads((tmp_path / "q" / "config.json").read_text())).name == "qwen3-vl"
+    with pytest.raises(SystemExit) as err:
+        main(["tiny-model", str(tmp_path / "x"), "--family", "llava"])
+    assert err.value.code == 2
+    assert "qwen2.5-vl" in capsys.readouterr().err  # the choices are listed

@@ -120,9 +120,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from vlm_tune.families import all_families
     from vlm_tune.tiny import build_tiny_model
 
-    print(build_tiny_model(args.out_dir, seed=args.seed))
+    if args.family == "smolvlm":
+        print(build_tiny_model(args.out_dir, seed=args.seed))
+        return 0
+    fam = next(f for f in all_families() if f.name == args.family)
+    print(fam.build_stand_in(args.out_dir, seed=args.seed))
     return 0
 
 
@@ -220,9 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("tiny-model", help="build the offline tiny SmolVLM-architecture model")
+    from vlm_tune.families import all_families
+
+    p = sub.add_parser(
+        "tiny-model", help="build a family's offline tiny stand-in (random weights, tiny dims)"
+    )
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--family",
+        default="smolvlm",
+        choices=[f.name for f in all_families()],
+        help="model family (default smolvlm); the result loads with AutoModelForImageTextToText",
+    )
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("config", help="print every config key with its default, or a resolved config")

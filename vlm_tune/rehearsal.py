@@ -41,6 +41,31 @@ STAND_INS: dict[str, StandIn] = {
     "HuggingFaceTB/SmolVLM-256M-Instruct": StandIn("idefics3", 512, 16, 4, 2048),
     "HuggingFaceTB/SmolVLM-Instruct": StandIn("idefics3", 384, 14, 3, 1536),
     "HuggingFaceTB/SmolVLM2-256M-Video-Instruct": StandIn("smolvlm", 512, 16, 4, 2048),
+    # Qwen: preprocessor_config.json of each checkpoint (pixel budget = size shortest/longest_edge)
+    "Qwen/Qwen2.5-VL-3B-Instruct": StandIn(
+        "qwen2.5-vl",
+        published=(
+            ("patch_size", 14),
+            ("merge_size", 2),
+            ("temporal_patch_size", 2),
+            ("min_pixels", 3136),
+            ("max_pixels", 12845056),
+            ("image_mean", [0.48145466, 0.4578275, 0.40821073]),
+            ("image_std", [0.26862954, 0.26130258, 0.27577711]),
+        ),
+    ),
+    "Qwen/Qwen3-VL-2B-Instruct": StandIn(
+        "qwen3-vl",
+        published=(
+            ("patch_size", 16),
+            ("merge_size", 2),
+            ("temporal_patch_size", 2),
+            ("min_pixels", 65536),
+            ("max_pixels", 16777216),
+            ("image_mean", [0.5, 0.5, 0.5]),
+            ("image_std", [0.5, 0.5, 0.5]),
+        ),
+    ),
     # transformers' convert_internvl_weights_to_hf.py: GotOcr2 448-px tiles, 1-12 patches, ImageNet mean/std
     "OpenGVLab/InternVL3-1B-hf": StandIn(
         "internvl",

@@ -194,13 +194,56 @@ QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
 
 
 # -- processors -------------------------------------------------------------------------------------------
+VIDEO_PROCESSOR = {
+    "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+    "Qwen3VLProcessor": "Qwen3VLVideoProcessor",
+}
+
+
+def _video_config(processor: Any) -> dict[str, Any]:
+    """A video_preprocessor_config.json for a processor built without its video processor: the class the
+    checkpoint uses, with the image processor's patching and normalisation (frame sampling: class defaults).
+    AutoProcessor needs this file to load the saved processor where torchvision is installed."""
+    ip = processor.image_processor
+    return {
+        "video_processor_type": VIDEO_PROCESSOR[type(processor).__name__],
+        "processor_class": type(processor).__name__,
+        "size": dict(ip.size),
+        "patch_size": ip.patch_size,
+        "temporal_patch_size": ip.temporal_patch_size,
+        "merge_size": ip.merge_size,
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": ip.rescale_factor,
+        "do_normalize": True,
+        "image_mean": list(ip.image_mean),
+        "image_std": list(ip.image_std),
+        "do_convert_rgb": True,
+    }
+
+
 def _image_only(base: type) -> type:
-    """`base` without its video processor, under the same class name (so saved configs name the real class)."""
+    """`base` without its video processor, under the same class name (so saved configs name the real class).
+
+    Saving writes the checkpoint's own video_preprocessor_config.json (kept from where it was loaded), or
+    one derived from the image processor: the saved folder loads with plain AutoProcessor elsewhere."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # noqa: N807
         base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(base.__name__, (base,), {"__init__": __init__, "__module__": __name__})
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        out = base.save_pretrained(self, save_directory, *args, **kwargs)
+        target = Path(save_directory) / "video_preprocessor_config.json"
+        source = getattr(self, "_video_config_source", None)
+        if source and Path(source).is_file():
+            if Path(source).resolve() != target.resolve():
+                target.write_bytes(Path(source).read_bytes())
+        else:
+            target.write_text(json.dumps(_video_config(self), indent=2) + "\n")
+        return out
+
+    attrs = {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__}
+    return type(base.__name__, (base,), attrs)
 
 
 def _processor_class(name: str, image_only: bool) -> type:
@@ -212,10 +255,20 @@ def _processor_class(name: str, image_only: bool) -> type:
 
 def _loader(class_name: str):
     def load(path: str, revision: str | None) -> Any:
-        from transformers.utils import is_torchvision_available
+        from transformers.utils import cached_file, is_torchvision_available
 
-        cls = _processor_class(class_name, image_only=not is_torchvision_available())
-        return cls.from_pretrained(path, revision=revision)
+        image_only = not is_torchvision_available()
+        processor = _processor_class(class_name, image_only=image_only).from_pretrained(
+            path, revision=revision
+        )
+        if image_only:
+            processor._video_config_source = cached_file(
+                path,
+                "video_preprocessor_config.json",
+                revision=revision,
+                _raise_exceptions_for_missing_entries=False,
+            )
+        return processor
 
     return load
 
