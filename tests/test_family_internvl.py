@@ -33,7 +33,9 @@ def row(images, answer="3"):
 
 
 def test_template_is_the_published_one_and_renders_chatml(stand_in):
-    # sha256 of the template joined from transformers' convert_internvl_weights_to_hf.py (see internvl.py)
+    # sha256 of the template joined from transformers' convert_internvl_weights_to_hf.py (see internvl.py);
+    # 481 bytes, the size of the published chat_template.jinja of the -hf checkpoints
+    assert len(internvl.CHAT_TEMPLATE.encode()) == 481
     digest = hashlib.sha256(internvl.CHAT_TEMPLATE.encode()).hexdigest()
     assert digest == "b3e3fa7cdeceec1d3dfe0d17b77724baf3857714e688f3a700261567e96140eb"
     p = load_family_processor(str(stand_in))

@@ -66,7 +66,8 @@ END_OF_TURN = "<|im_end|>"
 
 # Source: chat_template of OpenGVLab/InternVL3-1B-hf, as written by transformers'
 # src/transformers/models/internvl/convert_internvl_weights_to_hf.py (the script that made the -hf checkpoints),
-# copied verbatim (the script's adjacent string literals joined).
+# copied verbatim (the script's adjacent string literals joined): 481 bytes, the size the hub lists for the
+# published chat_template.jinja of OpenGVLab/InternVL3-14B-hf (same script); a test pins its sha256.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{'<|im_start|>' + message['role'] + '\n'}}"
