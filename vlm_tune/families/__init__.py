@@ -45,6 +45,9 @@ class Family:
     # lines of the card snippet's answer() that build `inputs` from images, question and prompt (None: the
     # chat-template lines of vlm_tune.hub)
     card_input_lines: tuple[str, ...] | None = None
+    # model.attn_implementation → what from_pretrained gets (a family whose decoder lacks a kernel maps it per
+    # sub-model, e.g. PaliGemma 2: Gemma 2 has no sdpa)
+    attn_implementation: Callable[[str], Any] = lambda name: name
 
 
 def _families() -> tuple[Family, ...]:

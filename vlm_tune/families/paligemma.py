@@ -73,6 +73,20 @@ CARD_INPUT_LINES = (
 )
 
 
+def attn_implementation(name: str) -> Any:
+    """model.attn_implementation → from_pretrained's: Gemma 2 has no sdpa kernel (its attention logits are
+    soft-capped), so sdpa means sdpa for SigLIP and eager for the decoder; flash attention would drop the
+    bidirectional prefix mask, so transformers refuses it for PaliGemma."""
+    if name == "flash_attention_2":
+        raise UserError(
+            "model.attn_implementation=flash_attention_2: PaliGemma cannot use it (it would drop the full "
+            "attention over the image and prompt prefix); use sdpa (SigLIP sdpa, Gemma 2 decoder eager) or eager"
+        )
+    if name == "sdpa":
+        return {"": "sdpa", "vision_config": "sdpa", "text_config": "eager"}
+    return name
+
+
 def _vision_save_modules(model: Any) -> list[str]:
     """Under model.train_vision the whole SigLIP tower (the projector sits outside it) is trained fully."""
     return ["vision_tower"]
@@ -237,4 +251,5 @@ FAMILY = Family(
     load_processor=_load_processor,
     prefix_lm=True,
     card_input_lines=CARD_INPUT_LINES,
+    attn_implementation=attn_implementation,
 )
