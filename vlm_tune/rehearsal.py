@@ -41,6 +41,8 @@ STAND_INS: dict[str, StandIn] = {
     "HuggingFaceTB/SmolVLM-256M-Instruct": StandIn("idefics3", 512, 16, 4, 2048),
     "HuggingFaceTB/SmolVLM-Instruct": StandIn("idefics3", 384, 14, 3, 1536),
     "HuggingFaceTB/SmolVLM2-256M-Video-Instruct": StandIn("smolvlm", 512, 16, 4, 2048),
+    # PaliGemma 2 3B pt-448: SiglipImageProcessor 448x448, mean/std 0.5; SigLIP patch 14 → 1,024 image tokens
+    "google/paligemma2-3b-pt-448": StandIn("paligemma", published=(("image_size", 448), ("patch_size", 14))),
 }
 
 
