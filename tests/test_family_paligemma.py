@@ -319,3 +319,10 @@ def test_sdpa_means_sdpa_for_siglip_and_eager_for_gemma2(pg_dir):
     )
     with pytest.raises(UserError, match="model.attn_implementation=flash_attention_2: PaliGemma"):
         load_model(str(pg_dir), cfg)
+
+
+def test_a_generation_ends_at_eos():
+    """A batched PaliGemma generation decodes as ANSWER<eos><pad>...: the answer is cut at <eos>."""
+    from vlm_tune.metrics import clean_generation
+
+    assert clean_generation("4.5%<eos><pad><pad>") == "4.5%"
