@@ -12,25 +12,28 @@ import torch
 from PIL import Image
 
 from vlm_tune.config import build_config
-from vlm_tune.data.collate import IGNORE_INDEX, ChatCollator, count_tokens, image_token_ids
+from vlm_tune.data.collate import IGNORE_INDEX, ChatCollator, count_tokens, image_token_ids, make_collator
 from vlm_tune.errors import UserError
 from vlm_tune.families import all_families, family_of_config, family_of_processor
 from vlm_tune.families import load_processor as load_family_processor
 
 TEMPLATE = "{question}\nAnswer with a single word or number."
-FAMILIES = ["smolvlm", "qwen2.5-vl", "qwen3-vl", "internvl"]
+FAMILIES = ["smolvlm", "qwen2.5-vl", "qwen3-vl", "paligemma", "internvl"]
+CHAT = [f for f in FAMILIES if f != "paligemma"]  # chat-template families (PaliGemma: prefix-LM)
 # what separates the assistant marker from the answer in each published template (it is not supervised)
 EOT = {
     "smolvlm": "<end_of_utterance>",
     "qwen2.5-vl": "<|im_end|>",
     "qwen3-vl": "<|im_end|>",
+    "paligemma": "<eos>",
     "internvl": "<|im_end|>",
 }
-LEAD = {"smolvlm": " ", "qwen2.5-vl": "", "qwen3-vl": "", "internvl": ""}
+LEAD = {"smolvlm": " ", "qwen2.5-vl": "", "qwen3-vl": "", "paligemma": "", "internvl": ""}
 PROCESSOR_CLASS = {
     "smolvlm": "Idefics3Processor",
     "qwen2.5-vl": "Qwen2_5_VLProcessor",
     "qwen3-vl": "Qwen3VLProcessor",
+    "paligemma": "PaliGemmaProcessor",
     "internvl": "InternVLProcessor",
 }
 
@@ -120,7 +123,7 @@ def test_qwen3_vl_template_is_the_published_one():
 
 
 # -- supervision --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", CHAT)  # PaliGemma has no turns: tests/test_family_paligemma.py
 def test_supervision_is_exactly_answers_and_end_of_turn(name, processors):
     p = processors[name]
     eot, lead = EOT[name], LEAD[name]
@@ -155,7 +158,7 @@ def test_supervision_is_exactly_answers_and_end_of_turn(name, processors):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generation_batch_left_padded_prefix_of_training_row(name, processors):
     p = processors[name]
-    collator = ChatCollator(p, None, TEMPLATE, max_length=4096)
+    collator = make_collator(p, None, TEMPLATE, max_length=4096)
     rows = [row("3", [img()]), row("7", [img(), img(40, 64)], question="long " * 10, rid="b")]
     gen = collator.generation_batch(rows)
     assert gen["attention_mask"][0, 0] == 0 and gen["attention_mask"][0, -1] == 1  # left-padded
@@ -172,7 +175,7 @@ def test_generation_batch_left_padded_prefix_of_training_row(name, processors):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_preflight_count_equals_collated_length(name, processors):
     p = processors[name]
-    collator = ChatCollator(p, "sys", TEMPLATE, max_length=4096)
+    collator = make_collator(p, "sys", TEMPLATE, max_length=4096)
     for images in ([img()], [img(), img(32, 20)], [img(100, 37)]):
         r = row("42", images)
         counts = count_tokens(p, collator, r)

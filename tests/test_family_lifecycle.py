@@ -102,7 +102,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(name, runs):
 def test_merge_gives_the_adapter_logits(name, runs, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from vlm_tune.data.collate import ChatCollator
+    from vlm_tune.data.collate import make_collator
     from vlm_tune.inference import load_for_inference, merge
 
     final = runs[name][0] / "final"  # the resumed run's adapter
@@ -110,7 +110,7 @@ def test_merge_gives_the_adapter_logits(name, runs, tmp_path):
     assert not (out / "adapter_config.json").exists()
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     model, processor, prompt = load_for_inference(final)
-    collator = ChatCollator(processor, prompt["system"], prompt["user_template"])
+    collator = make_collator(processor, prompt["system"], prompt["user_template"])
     batch = collator.generation_batch(
         [{"id": "r", "images": [chart()], "question": "How many bars are there?", "answers": [""]}]
     )

@@ -257,6 +257,8 @@ def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: F
         "",
         "",
         "def answer(images, question):",
+    ]
+    code += fam.card_input_lines or [  # the family's prompt layout (a prefix-LM has no chat template)
         "    messages = []",
         '    if prompt["system"]:',
         '        messages.append({"role": "system", "content": [{"type": "text", "text": prompt["system"]}]})',
@@ -265,6 +267,8 @@ def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: F
         '    messages.append({"role": "user", "content": content})',
         "    text = processor.apply_chat_template(messages, add_generation_prompt=True)",
         '    inputs = processor(text=[text], images=[images], return_tensors="pt").to(model.device)',
+    ]
+    code += [
         '    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)',
         f"    end = processor.tokenizer.convert_tokens_to_ids({json.dumps(fam.end_of_turn)})  # closes an answer",
         "    eos = [end, processor.tokenizer.eos_token_id]",

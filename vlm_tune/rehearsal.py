@@ -66,6 +66,8 @@ STAND_INS: dict[str, StandIn] = {
             ("image_std", [0.5, 0.5, 0.5]),
         ),
     ),
+    # PaliGemma 2 3B pt-448: SiglipImageProcessor 448x448, mean/std 0.5; SigLIP patch 14 → 1,024 image tokens
+    "google/paligemma2-3b-pt-448": StandIn("paligemma", published=(("image_size", 448), ("patch_size", 14))),
     # transformers' convert_internvl_weights_to_hf.py: GotOcr2 448-px tiles, 1-12 patches, ImageNet mean/std
     "OpenGVLab/InternVL3-1B-hf": StandIn(
         "internvl",

@@ -39,12 +39,21 @@ class Family:
     # model.image (a dict, as saved in config.yaml) → lines of the model card's snippet that set the same
     # knobs on `processor` after AutoProcessor.from_pretrained (so the card answers like vlm-tune)
     card_image_lines: Callable[[dict[str, Any]], list[str]] = lambda image: []
+    # a prefix-LM (PaliGemma): no chat template; prompt = prefix (full attention, token_type_ids 0), answer =
+    # suffix, built with the processor's `suffix=` (vlm_tune.data.prefix_lm.PrefixLMCollator)
+    prefix_lm: bool = False
+    # lines of the card snippet's answer() that build `inputs` from images, question and prompt (None: the
+    # chat-template lines of vlm_tune.hub)
+    card_input_lines: tuple[str, ...] | None = None
+    # model.attn_implementation → what from_pretrained gets (a family whose decoder lacks a kernel maps it per
+    # sub-model, e.g. PaliGemma 2: Gemma 2 has no sdpa)
+    attn_implementation: Callable[[str], Any] = lambda name: name
 
 
 def _families() -> tuple[Family, ...]:
-    from vlm_tune.families import internvl, qwen, smolvlm
+    from vlm_tune.families import internvl, paligemma, qwen, smolvlm
 
-    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, internvl.FAMILY)
+    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, paligemma.FAMILY, internvl.FAMILY)
 
 
 def all_families() -> tuple[Family, ...]:
