@@ -334,3 +334,20 @@ def test_tiny_model_command_builds_each_family(tmp_path, capsys):
         main(["tiny-model", str(tmp_path / "x"), "--family", "llava"])
     assert err.value.code == 2
     assert "qwen2.5-vl" in capsys.readouterr().err  # the choices are listed
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "internvl"])
+def test_processor_built_without_torchvision_saves_the_checkpoint_video_config(name, stand_ins, tmp_path):
+    """The image-only processor (CPU installs) saves the checkpoint's own video config byte for byte, or
+    (built here) one naming the family's video processor: AutoProcessor needs it where torchvision is."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(stand_ins[name], ckpt)
+    built = json.loads((ckpt / "video_preprocessor_config.json").read_text())
+    assert built["video_processor_type"].endswith("VideoProcessor")
+    published = dict(built, fps=2.0, note="as published")  # a file the family would not derive itself
+    (ckpt / "video_preprocessor_config.json").write_text(json.dumps(published))
+    load_family_processor(str(ckpt)).save_pretrained(tmp_path / "saved")
+    saved = (tmp_path / "saved" / "video_preprocessor_config.json").read_bytes()
+    assert saved == (ckpt / "video_preprocessor_config.json").read_bytes()

@@ -36,6 +36,7 @@ from typing import Any
 
 from vlm_tune.errors import UserError
 from vlm_tune.families import Family
+from vlm_tune.families.image_only import image_only_class, load_image_only
 
 # InternVL's own tokens on top of the Qwen2 ChatML ones (transformers' convert_internvl_weights_to_hf.py adds
 # <img> </img> <IMG_CONTEXT> <quad> </quad> <ref> </ref> <box> </box> and names <video>)
@@ -131,33 +132,17 @@ def _image_only() -> type:
             **kw,
         )
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        out = InternVLProcessor.save_pretrained(self, save_directory, *args, **kwargs)
-        target = Path(save_directory) / "video_preprocessor_config.json"
-        source = getattr(self, "_video_config_source", None)
-        if source and Path(source).is_file():
-            if Path(source).resolve() != target.resolve():
-                target.write_bytes(Path(source).read_bytes())
-        else:
-            target.write_text(json.dumps(_video_config(self), indent=2) + "\n")
-        return out
-
-    attrs = {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__}
-    return type("InternVLProcessor", (InternVLProcessor,), attrs)
+    return image_only_class(InternVLProcessor, __init__, _video_config)
 
 
 def load_processor(path: str, revision: str | None = None) -> Any:
     """AutoProcessor where torchvision is installed; the image-only InternVLProcessor where it is not."""
     from transformers import AutoProcessor
-    from transformers.utils import cached_file, is_torchvision_available
+    from transformers.utils import is_torchvision_available
 
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(path, revision=revision)
-    processor = _image_only().from_pretrained(path, revision=revision)
-    processor._video_config_source = cached_file(
-        path, "video_preprocessor_config.json", revision=revision, _raise_exceptions_for_missing_entries=False
-    )
-    return processor
+    return load_image_only(_image_only(), path, revision)
 
 
 def apply_image_settings(processor: Any, img: Any) -> None:
