@@ -12,25 +12,30 @@ import torch
 from PIL import Image
 
 from vlm_tune.config import build_config
-from vlm_tune.data.collate import IGNORE_INDEX, ChatCollator, count_tokens, image_token_ids
+from vlm_tune.data.collate import IGNORE_INDEX, ChatCollator, count_tokens, image_token_ids, make_collator
 from vlm_tune.errors import UserError
 from vlm_tune.families import all_families, family_of_config, family_of_processor
 from vlm_tune.families import load_processor as load_family_processor
 
 TEMPLATE = "{question}\nAnswer with a single word or number."
-FAMILIES = ["smolvlm", "qwen2.5-vl", "qwen3-vl", "gemma3"]
+FAMILIES = ["smolvlm", "qwen2.5-vl", "qwen3-vl", "paligemma", "internvl", "gemma3"]
+CHAT = [f for f in FAMILIES if f != "paligemma"]  # chat-template families (PaliGemma: prefix-LM)
 # what separates the assistant marker from the answer in each published template (it is not supervised)
 EOT = {
     "smolvlm": "<end_of_utterance>",
     "qwen2.5-vl": "<|im_end|>",
     "qwen3-vl": "<|im_end|>",
+    "paligemma": "<eos>",
+    "internvl": "<|im_end|>",
     "gemma3": "<end_of_turn>",
 }
-LEAD = {"smolvlm": " ", "qwen2.5-vl": "", "qwen3-vl": "", "gemma3": ""}
+LEAD = {"smolvlm": " ", "qwen2.5-vl": "", "qwen3-vl": "", "paligemma": "", "internvl": "", "gemma3": ""}
 PROCESSOR_CLASS = {
     "smolvlm": "Idefics3Processor",
     "qwen2.5-vl": "Qwen2_5_VLProcessor",
     "qwen3-vl": "Qwen3VLProcessor",
+    "paligemma": "PaliGemmaProcessor",
+    "internvl": "InternVLProcessor",
     "gemma3": "Gemma3Processor",
 }
 
@@ -120,7 +125,7 @@ def test_qwen3_vl_template_is_the_published_one():
 
 
 # -- supervision --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", CHAT)  # PaliGemma has no turns: tests/test_family_paligemma.py
 def test_supervision_is_exactly_answers_and_end_of_turn(name, processors):
     p = processors[name]
     eot, lead = EOT[name], LEAD[name]
@@ -155,7 +160,7 @@ def test_supervision_is_exactly_answers_and_end_of_turn(name, processors):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generation_batch_left_padded_prefix_of_training_row(name, processors):
     p = processors[name]
-    collator = ChatCollator(p, None, TEMPLATE, max_length=4096)
+    collator = make_collator(p, None, TEMPLATE, max_length=4096)
     rows = [row("3", [img()]), row("7", [img(), img(40, 64)], question="long " * 10, rid="b")]
     gen = collator.generation_batch(rows)
     assert gen["attention_mask"][0, 0] == 0 and gen["attention_mask"][0, -1] == 1  # left-padded
@@ -172,7 +177,7 @@ def test_generation_batch_left_padded_prefix_of_training_row(name, processors):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_preflight_count_equals_collated_length(name, processors):
     p = processors[name]
-    collator = ChatCollator(p, "sys", TEMPLATE, max_length=4096)
+    collator = make_collator(p, "sys", TEMPLATE, max_length=4096)
     for images in ([img()], [img(), img(32, 20)], [img(100, 37)]):
         r = row("42", images)
         counts = count_tokens(p, collator, r)
@@ -245,7 +250,7 @@ def test_lora_presets_resolve_to_the_family_modules(name, stand_ins):
 
 # -- training, eval, predict --------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl", "internvl", "gemma3"])
 def test_three_steps_train_decoder_and_projector_only_then_eval_and_predict(name, stand_ins, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
@@ -270,16 +275,16 @@ def test_three_steps_train_decoder_and_projector_only_then_eval_and_predict(name
         v.abs().sum() > 0 for v in lora_b.values()
     )  # B starts at zero: any change is training
     assert any("language_model" in k for k in lora_b)
-    projector = [k for k in adapter if any(m.removeprefix("model.") + "." in k for m in f.projector_modules)]
-    if f.full_projector:  # trained fully: saved whole, changed from the base weights
+    saved = [k.split("base_model.model.")[-1] for k in adapter]
+    if f.full_projector:  # no nn.Linear in it (Gemma 3): trained fully, saved whole, changed from the base
         base_weights = AutoModelForImageTextToText.from_pretrained(stand_ins[name]).state_dict()
+        projector = [k for k in saved if k.startswith(f.projector_modules)]
         assert projector and any(
-            not torch.equal(adapter[k], base_weights["model." + k.split("base_model.model.model.")[-1]])
-            for k in projector
+            not torch.equal(adapter["base_model.model." + k], base_weights[k]) for k in projector
         ), projector
     else:
-        assert any(k in lora_b for k in projector)
-    assert not any(k.split("base_model.model.")[-1].startswith(f.vision_module + ".blocks") for k in adapter)
+        assert any(k.split("base_model.model.")[-1].startswith(f.projector_modules) for k in lora_b)
+    assert not any(k.startswith(f.vision_module) and not k.startswith(f.projector_modules) for k in saved)
     base, again = (AutoModelForImageTextToText.from_pretrained(stand_ins[name]) for _ in range(2))
     for (n, a), (_, b) in zip(base.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(a, b), n  # frozen weights untouched on disk
@@ -315,11 +320,10 @@ def test_frozen_tower_spares_the_projector_and_train_vision_saves_the_tower(name
         build_config(base, ["model.train_vision=true"]),
     )
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
-    in_projector = [
-        n for n in trainable if any(m.removeprefix("model.") + "." in n for m in f.projector_modules)
-    ]
-    assert any("lora_" in n or "modules_to_save" in n for n in in_projector)
-    tower_trainable = {n for n in trainable if "modules_to_save" in n and n not in in_projector}
+    in_projector = {n for n in trainable if n.split("base_model.model.")[-1].startswith(f.projector_modules)}
+    # LoRA on the projector, or (no nn.Linear in it: Gemma 3) the whole projector
+    assert any("lora_" in n or (f.full_projector and "modules_to_save" in n) for n in in_projector)
+    tower_trainable = {n for n in trainable if "modules_to_save" in n} - in_projector
     # the whole tower (not the projector) is trained fully and saved with the adapter
     assert tower_trainable and not any(
         n.split(".modules_to_save")[0].endswith("merger") for n in tower_trainable
@@ -346,3 +350,20 @@ def test_tiny_model_command_builds_each_family(tmp_path, capsys):
         main(["tiny-model", str(tmp_path / "x"), "--family", "llava"])
     assert err.value.code == 2
     assert "qwen2.5-vl" in capsys.readouterr().err  # the choices are listed
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "internvl"])
+def test_processor_built_without_torchvision_saves_the_checkpoint_video_config(name, stand_ins, tmp_path):
+    """The image-only processor (CPU installs) saves the checkpoint's own video config byte for byte, or
+    (built here) one naming the family's video processor: AutoProcessor needs it where torchvision is."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(stand_ins[name], ckpt)
+    built = json.loads((ckpt / "video_preprocessor_config.json").read_text())
+    assert built["video_processor_type"].endswith("VideoProcessor")
+    published = dict(built, fps=2.0, note="as published")  # a file the family would not derive itself
+    (ckpt / "video_preprocessor_config.json").write_text(json.dumps(published))
+    load_family_processor(str(ckpt)).save_pretrained(tmp_path / "saved")
+    saved = (tmp_path / "saved" / "video_preprocessor_config.json").read_bytes()
+    assert saved == (ckpt / "video_preprocessor_config.json").read_bytes()

@@ -244,7 +244,7 @@ def test_card_lines_give_a_plain_processor_the_trained_resolution(stand_in):
     assert FAMILY.card_image_lines({}) == []
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2.5-vl", "paligemma", "internvl"])
 def test_other_families_refuse_the_pan_and_scan_knobs(family, tiny_dir, tmp_path):
     from vlm_tune.families import all_families
     from vlm_tune.model import load_processor
@@ -258,3 +258,11 @@ def test_other_families_refuse_the_pan_and_scan_knobs(family, tiny_dir, tmp_path
         cfg = build_config({"model": {"name_or_path": str(path)}}, [f"model.image.{knob}"])
         with pytest.raises(UserError, match=f"model.image.{knob.split('=')[0]}"):
             load_processor(str(path), cfg)
+
+
+def test_generated_answer_is_cut_at_end_of_turn():
+    """Evaluation decodes with special tokens and cuts at the end-of-turn marker: Gemma's too."""
+    from vlm_tune.metrics import clean_generation
+
+    assert clean_generation("3<end_of_turn><pad><pad>") == "3"
+    assert clean_generation(f"blue{FAMILY.end_of_turn}") == "blue"

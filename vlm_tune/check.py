@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from vlm_tune.config import Config
-from vlm_tune.data.collate import IGNORE_INDEX, ChatCollator
+from vlm_tune.data.collate import IGNORE_INDEX, make_collator
 from vlm_tune.data.formats import answer_warnings
 from vlm_tune.data.sources import BadRow, load_split, prepare_split
 from vlm_tune.errors import UserError
@@ -77,7 +77,7 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     console = Console()
     model_path = resolve_model_path(cfg)
     processor = load_processor(model_path, cfg)
-    collator = ChatCollator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
+    collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
     d = cfg.data
     ok = True
     console.print(f"[bold]vlm-tune check[/bold]  model {cfg.model.name_or_path}  data {d.source}")

@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vlm_tune.families import all_families
 
-    p = sub.add_parser("tiny-model", help="build a family's offline tiny stand-in (random weights, tiny dims)")
+    p = sub.add_parser(
+        "tiny-model", help="build a family's offline tiny stand-in (random weights, tiny dims)"
+    )
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -68,6 +68,15 @@ class ImageSection(Section):
         description="Qwen families: most pixels an image is resized to (processor size.longest_edge); fewer "
         "pixels = fewer image tokens. For Qwen, longest_edge L means max_pixels L*L.",
     )
+    max_patches: int | None = Field(
+        None,
+        ge=1,
+        description="InternVL: most tiles an image is cut into (+1 thumbnail when over 1; each tile = 256 "
+        "tokens at 448 px); 1 = one resized tile. Published 12. InternVL reads longest_edge L as L*L/tile^2.",
+    )
+    min_patches: int | None = Field(
+        None, ge=1, description="InternVL: fewest tiles an image is cut into (published 1)."
+    )
     pan_and_scan: bool | None = Field(
         None,
         description="Gemma 3: also cut wide/tall images (aspect >= 1.2) into crops, 256 more tokens each "

@@ -257,6 +257,8 @@ def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: F
         "",
         "",
         "def answer(images, question):",
+    ]
+    code += fam.card_input_lines or [  # the family's prompt layout (a prefix-LM has no chat template)
         "    messages = []",
         '    if prompt["system"]:',
         '        messages.append({"role": "system", "content": [{"type": "text", "text": prompt["system"]}]})',
@@ -267,6 +269,8 @@ def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: F
         "    # the template wrote the special tokens (Gemma 3: <bos>); the tokenizer must not add them again",
         '    inputs = processor(text=[text], images=[images], add_special_tokens=False, return_tensors="pt")',
         "    inputs = inputs.to(model.device)",
+    ]
+    code += [
         '    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)',
         f"    end = processor.tokenizer.convert_tokens_to_ids({json.dumps(fam.end_of_turn)})  # closes an answer",
         "    eos = [end, processor.tokenizer.eos_token_id]",

@@ -11,7 +11,7 @@ from typing import Any
 from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
 from vlm_tune.data.chat import load_prompt
-from vlm_tune.data.collate import ChatCollator
+from vlm_tune.data.collate import make_collator
 from vlm_tune.errors import UserError
 
 
@@ -147,7 +147,7 @@ def run_eval(
             raise UserError(f"no adapter at {adapter}: train first, pass --adapter DIR, or use --base")
         model, processor, prompt = load_for_inference(adapter, cfg.model.dtype)
         system, template = prompt["system"], prompt["user_template"]
-    collator = ChatCollator(processor, system, template)
+    collator = make_collator(processor, system, template)
     split = split or cfg.data.eval_split
     prepared = prepare_split(
         load_split(cfg.data, split, cfg.model.cache_dir),
@@ -180,7 +180,7 @@ def predict(
     """Answers for items of {images: [PIL], question: str}, through the saved prompt contract."""
     from vlm_tune.evaluate import generate_answers
 
-    collator = ChatCollator(processor, prompt["system"], prompt["user_template"])
+    collator = make_collator(processor, prompt["system"], prompt["user_template"])
     rows = [
         {"id": str(i), "images": it["images"], "question": it["question"], "answers": [""]}
         for i, it in enumerate(items)

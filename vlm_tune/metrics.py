@@ -61,8 +61,9 @@ RELAXED_TOLERANCE = 0.05
 
 _FLOAT_SLACK = 1e-9  # robust only: absorbs float rounding on the 5% bound
 
-END_OF_TURN_MARKERS = ("<end_of_utterance>", "<|im_end|>", "</s>", "<|endoftext|>")
-"""Generation is cut at the first of these (SmolVLM/Idefics3, ChatML, Llama/Mistral, GPT-style)."""
+END_OF_TURN_MARKERS = ("<end_of_utterance>", "<|im_end|>", "</s>", "<|endoftext|>", "<eos>", "<end_of_turn>")
+"""Generation is cut at the first of these (SmolVLM/Idefics3, ChatML, Llama/Mistral, GPT-style, Gemma/PaliGemma,
+Gemma 3's chat turn)."""
 
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019"
 _CURRENCY = "$€£¥"

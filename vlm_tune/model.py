@@ -133,7 +133,7 @@ def load_model(path: str, cfg: Config, rt: Runtime | None = None) -> Any:
     fam = model_family(path, cfg)
     rt = rt or for_config(cfg)
     kwargs: dict[str, Any] = {"dtype": rt.torch_dtype, "revision": cfg.model.revision}
-    kwargs["attn_implementation"] = cfg.model.attn_implementation
+    kwargs["attn_implementation"] = fam.attn_implementation(cfg.model.attn_implementation)
     quantized = cfg.train.method == "qlora"
     if quantized:
         from vlm_tune.quiet import four_bit_in_use

@@ -66,6 +66,13 @@ STAND_INS: dict[str, StandIn] = {
             ("image_std", [0.5, 0.5, 0.5]),
         ),
     ),
+    # PaliGemma 2 3B pt-448: SiglipImageProcessor 448x448, mean/std 0.5; SigLIP patch 14 → 1,024 image tokens
+    "google/paligemma2-3b-pt-448": StandIn("paligemma", published=(("image_size", 448), ("patch_size", 14))),
+    # transformers' convert_internvl_weights_to_hf.py: GotOcr2 448-px tiles, 1-12 patches, ImageNet mean/std
+    "OpenGVLab/InternVL3-1B-hf": StandIn(
+        "internvl",
+        published=(("tile_size", 448), ("patch_size", 14), ("min_patches", 1), ("max_patches", 12)),
+    ),
     # Gemma 3 4B: preprocessor_config.json (896 x 896, mean/std 0.5) and config.json (SigLIP patch 14,
     # mm_tokens_per_image 256)
     "google/gemma-3-4b-it": StandIn(

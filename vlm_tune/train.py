@@ -17,7 +17,7 @@ from transformers import PrinterCallback, set_seed
 from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
 from vlm_tune.data.chat import save_prompt
-from vlm_tune.data.collate import ChatCollator
+from vlm_tune.data.collate import ChatCollator, make_collator
 from vlm_tune.data.sources import LazyRows, RowDataset, load_split
 from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
 from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
@@ -56,7 +56,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     # model and processor
     model_path = resolve_model_path(cfg)
     processor = load_processor(model_path, cfg)
-    collator = ChatCollator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
+    collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
 
     # data: every row decoded and measured once, before any step (rows split over the ranks)
     cache = cfg.model.cache_dir

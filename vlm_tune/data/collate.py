@@ -96,6 +96,7 @@ class ChatCollator:
                 text=texts,
                 images=images,
                 padding=True,
+                padding_side=padding_side,  # some processors (InternVL) default to their own side otherwise
                 return_tensors="pt",
                 return_offsets_mapping=True,
                 return_text_replacement_offsets=True,
@@ -157,6 +158,19 @@ class ChatCollator:
         return dict(enc)
 
 
+def make_collator(
+    processor: Any, system: str | None, user_template: str, max_length: int | None = None
+) -> Any:
+    """The collator for the processor's family: `ChatCollator`, or `PrefixLMCollator` for a prefix-LM
+    (PaliGemma: no chat template; prompt = prefix, answer = suffix). Every train/eval/predict/check path
+    builds its collator here."""
+    if family_of_processor(processor).prefix_lm:
+        from vlm_tune.data.prefix_lm import PrefixLMCollator
+
+        return PrefixLMCollator(processor, system, user_template, max_length)
+    return ChatCollator(processor, system, user_template, max_length)
+
+
 def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int]:
     """Tokens each (height, width) image expands to, without running the image processor.
 
@@ -170,8 +184,10 @@ def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int
     return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def count_tokens(processor: Any, collator: ChatCollator, row: dict[str, Any]) -> dict[str, int]:
+def count_tokens(processor: Any, collator: Any, row: dict[str, Any]) -> dict[str, int]:
     """Token budget of one row without running the image processor: total, image and supervised tokens."""
+    if not isinstance(collator, ChatCollator):  # a prefix-LM collator counts its own layout
+        return collator.count_tokens(row)
     messages = build_messages(row, collator.system, collator.user_template, with_answer=True)
     text, spans = collator.answer_spans(messages, row.get("id"))
     tok = processor.tokenizer

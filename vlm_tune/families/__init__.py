@@ -39,6 +39,15 @@ class Family:
     # model.image (a dict, as saved in config.yaml) → lines of the model card's snippet that set the same
     # knobs on `processor` after AutoProcessor.from_pretrained (so the card answers like vlm-tune)
     card_image_lines: Callable[[dict[str, Any]], list[str]] = lambda image: []
+    # a prefix-LM (PaliGemma): no chat template; prompt = prefix (full attention, token_type_ids 0), answer =
+    # suffix, built with the processor's `suffix=` (vlm_tune.data.prefix_lm.PrefixLMCollator)
+    prefix_lm: bool = False
+    # lines of the card snippet's answer() that build `inputs` from images, question and prompt (None: the
+    # chat-template lines of vlm_tune.hub)
+    card_input_lines: tuple[str, ...] | None = None
+    # model.attn_implementation → what from_pretrained gets (a family whose decoder lacks a kernel maps it per
+    # sub-model, e.g. PaliGemma 2: Gemma 2 has no sdpa)
+    attn_implementation: Callable[[str], Any] = lambda name: name
     # (processor, rendered text, image (height, width)s) → the text the processor tokenizes once each image
     # placeholder is expanded, without the image processor; for count_tokens where the expansion tokenizes
     # differently in context (Gemma 3's newlines, pan-and-scan crops). None: the count adds tokens per image.
@@ -49,9 +58,9 @@ class Family:
 
 
 def _families() -> tuple[Family, ...]:
-    from vlm_tune.families import gemma3, qwen, smolvlm
+    from vlm_tune.families import gemma3, internvl, paligemma, qwen, smolvlm
 
-    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, gemma3.FAMILY)
+    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, paligemma.FAMILY, internvl.FAMILY, gemma3.FAMILY)
 
 
 def all_families() -> tuple[Family, ...]:

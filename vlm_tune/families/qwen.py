@@ -33,6 +33,7 @@ from typing import Any
 
 from vlm_tune.errors import UserError
 from vlm_tune.families import Family
+from vlm_tune.families.image_only import image_only_class, load_image_only
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -223,27 +224,12 @@ def _video_config(processor: Any) -> dict[str, Any]:
 
 
 def _image_only(base: type) -> type:
-    """`base` without its video processor, under the same class name (so saved configs name the real class).
-
-    Saving writes the checkpoint's own video_preprocessor_config.json (kept from where it was loaded), or
-    one derived from the image processor: the saved folder loads with plain AutoProcessor elsewhere."""
+    """`base` without its video processor, under the same class name (see vlm_tune.families.image_only)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # noqa: N807
         base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        out = base.save_pretrained(self, save_directory, *args, **kwargs)
-        target = Path(save_directory) / "video_preprocessor_config.json"
-        source = getattr(self, "_video_config_source", None)
-        if source and Path(source).is_file():
-            if Path(source).resolve() != target.resolve():
-                target.write_bytes(Path(source).read_bytes())
-        else:
-            target.write_text(json.dumps(_video_config(self), indent=2) + "\n")
-        return out
-
-    attrs = {"__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__}
-    return type(base.__name__, (base,), attrs)
+    return image_only_class(base, __init__, _video_config)
 
 
 def _processor_class(name: str, image_only: bool) -> type:
@@ -255,27 +241,18 @@ def _processor_class(name: str, image_only: bool) -> type:
 
 def _loader(class_name: str):
     def load(path: str, revision: str | None) -> Any:
-        from transformers.utils import cached_file, is_torchvision_available
+        from transformers.utils import is_torchvision_available
 
-        image_only = not is_torchvision_available()
-        processor = _processor_class(class_name, image_only=image_only).from_pretrained(
-            path, revision=revision
-        )
-        if image_only:
-            processor._video_config_source = cached_file(
-                path,
-                "video_preprocessor_config.json",
-                revision=revision,
-                _raise_exceptions_for_missing_entries=False,
-            )
-        return processor
+        if is_torchvision_available():
+            return _processor_class(class_name, image_only=False).from_pretrained(path, revision=revision)
+        return load_image_only(_processor_class(class_name, image_only=True), path, revision)
 
     return load
 
 
 def apply_image_settings(processor: Any, img: Any) -> None:
     """model.image → the Qwen image processor's pixel budget (`size` shortest_edge/longest_edge, in pixels)."""
-    for key in ("tile_size", "do_image_splitting", "pan_and_scan", "max_crops"):
+    for key in ("tile_size", "do_image_splitting", "max_patches", "min_patches", "pan_and_scan", "max_crops"):
         if getattr(img, key, None) is not None:
             raise UserError(
                 f"model.image.{key}: Qwen models do not tile images; set model.image.max_pixels (and min_pixels) "

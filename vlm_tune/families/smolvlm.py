@@ -35,6 +35,12 @@ def apply_image_settings(processor: Any, img: Any) -> None:
                 f"model.image.{key} is a Qwen knob; SmolVLM resizes by model.image.longest_edge (and tiles by "
                 "tile_size / do_image_splitting): use those"
             )
+    for key in ("max_patches", "min_patches"):
+        if getattr(img, key, None) is not None:
+            raise UserError(
+                f"model.image.{key} is an InternVL knob; SmolVLM tiles by model.image.longest_edge / tile_size / "
+                "do_image_splitting: use those"
+            )
     for key in ("pan_and_scan", "max_crops"):
         if getattr(img, key, None) is not None:
             raise UserError(

@@ -1,0 +1,335 @@
+"""InternVL (InternVL2.5 / InternVL3 / InternVL3.5 `-hf` checkpoints): everything vlm-tune knows about it.
+
+transformers 5.x: `InternVLForConditionalGeneration` (model_type "internvl"), `InternVLProcessor` with the
+GOT-OCR2 image processor and an InternVL video processor.
+- Chat: ChatML (`<|im_start|>assistant\\n ANSWER <|im_end|>`); `<|im_end|>` closes an answer and is supervised
+  with it. No default system turn. An image is `<IMG_CONTEXT>\\n` in the template; the processor replaces
+  that `<IMG_CONTEXT>` with `<img>` + image_seq_length * patches `<IMG_CONTEXT>` + `</img>` and reports where
+  (`text_replacement_offsets`, the common ProcessorMixin path), so the pre-flight count needs no family
+  hook (`_get_num_multimodal_tokens` is there). Image-related tokens, never supervised: `<img>`, `</img>`,
+  `<IMG_CONTEXT>`, `<video>`.
+- Resolution: dynamic tiling. Every image is resized onto a grid of fixed tiles (448 px published) whose
+  aspect ratio is closest to the image's, with min_patches <= tiles <= max_patches (1 and 12 published),
+  plus a thumbnail tile when the grid has more than one. The image's size does not count, only its aspect
+  ratio (a 64x48 chart becomes a 4x3 grid + thumbnail = 13 tiles, like an 800x600 one). Each tile costs
+  image_seq_length tokens (published: (448/14)^2 * 0.5^2 = 256, pixel shuffle 0.5).
+  model.image.max_patches / min_patches set the image processor's; do_image_splitting false = max_patches 1
+  (one resized tile); longest_edge L = the tile budget of an L x L image (max_patches = L*L // tile**2, at
+  least 1; as Qwen's L means max_pixels L*L), explicit max_patches wins. Tiles are the vision encoder's
+  fixed input, so tile_size and the Qwen pixel knobs have no meaning here: they are rejected. The processor class forces `crop_to_patches=True`
+  at call time whatever the image processor's saved value (published False), so tiling is turned off
+  through max_patches, which both image processor backends honour and which is saved with the processor.
+- Module names: decoder `model.language_model.layers.N.{self_attn.(q|k|v|o)_proj, mlp.(gate|up|down)_proj}`
+  (Qwen2 for InternVL3, Qwen3 for InternVL3.5); projector `model.multi_modal_projector.{linear_1,linear_2}`
+  (after a LayerNorm); vision tower `model.vision_tower` (InternViT: `encoder.layer.N.attention.{q,k,v}_proj`,
+  `attention.projection_layer`, `mlp.fc1/fc2`; its q/k/v names equal the decoder's, so presets are anchored).
+- Without torchvision (CPU machines here) the video processor cannot be built, so AutoProcessor fails:
+  vlm-tune then loads an image-only subclass with the same class name (saved files stay standard, with a
+  video_preprocessor_config.json so that AutoProcessor loads them where torchvision is installed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlm_tune.errors import UserError
+from vlm_tune.families import Family
+from vlm_tune.families.image_only import image_only_class, load_image_only
+
+# InternVL's own tokens on top of the Qwen2 ChatML ones (transformers' convert_internvl_weights_to_hf.py adds
+# <img> </img> <IMG_CONTEXT> <quad> </quad> <ref> </ref> <box> </box> and names <video>)
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+]
+# the tokenizer attributes InternVLProcessor reads (tokenizer_config.json "extra_special_tokens")
+EXTRA_SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+END_OF_TURN = "<|im_end|>"
+
+# Source: chat_template of OpenGVLab/InternVL3-1B-hf, as written by transformers'
+# src/transformers/models/internvl/convert_internvl_weights_to_hf.py (the script that made the -hf checkpoints),
+# copied verbatim (the script's adjacent string literals joined): 481 bytes, the size the hub lists for the
+# published chat_template.jinja of OpenGVLab/InternVL3-14B-hf (same script); a test pins its sha256.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{'<|im_end|>\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+# -- processor --------------------------------------------------------------------------------------------
+def _video_config(processor: Any) -> dict[str, Any]:
+    """A video_preprocessor_config.json for a processor built without its video processor: InternVL's class
+    with the image processor's tile size and normalisation (frame sampling: class defaults). AutoProcessor
+    needs this file to load the saved processor where torchvision is installed."""
+    ip = processor.image_processor
+    return {
+        "video_processor_type": "InternVLVideoProcessor",
+        "processor_class": "InternVLProcessor",
+        "size": dict(ip.size),
+        "resample": int(ip.resample),
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": ip.rescale_factor,
+        "do_normalize": True,
+        "image_mean": list(ip.image_mean),
+        "image_std": list(ip.image_std),
+        "do_convert_rgb": True,
+        "initial_shift": True,
+    }
+
+
+def _image_only() -> type:
+    """InternVLProcessor without its video processor, under the same class name (saved files name the real
+    class). Saving writes the checkpoint's own video_preprocessor_config.json (kept from where it was loaded),
+    or one derived from the image processor: the saved folder loads with plain AutoProcessor elsewhere."""
+    from transformers import InternVLProcessor
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kw):  # noqa: N807
+        InternVLProcessor.__init__(
+            self,
+            image_processor,
+            tokenizer,
+            None,
+            image_seq_length=image_seq_length,
+            chat_template=chat_template,
+            **kw,
+        )
+
+    return image_only_class(InternVLProcessor, __init__, _video_config)
+
+
+def load_processor(path: str, revision: str | None = None) -> Any:
+    """AutoProcessor where torchvision is installed; the image-only InternVLProcessor where it is not."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(path, revision=revision)
+    return load_image_only(_image_only(), path, revision)
+
+
+def apply_image_settings(processor: Any, img: Any) -> None:
+    """model.image → the GOT-OCR2 image processor's tiling (max_patches, min_patches; splitting off = 1 tile)."""
+    instead = (
+        "InternVL tiles every image into fixed tiles; set model.image.max_patches (and min_patches) instead"
+    )
+    for key, why in (
+        ("tile_size", "the tile is the vision encoder's fixed input size"),
+        ("min_pixels", "it is a Qwen knob"),
+        ("max_pixels", "it is a Qwen knob"),
+        ("pan_and_scan", "it is a Gemma 3 knob"),
+        ("max_crops", "it is a Gemma 3 knob"),
+    ):
+        if getattr(img, key, None) is not None:
+            raise UserError(f"model.image.{key} has no meaning for InternVL ({why}). {instead}")
+    ip = processor.image_processor
+    lo = img.min_patches if img.min_patches is not None else int(ip.min_patches)
+    hi = img.max_patches if img.max_patches is not None else int(ip.max_patches)
+    if img.longest_edge is not None and img.max_patches is None:
+        hi = max(1, img.longest_edge**2 // (int(ip.size["height"]) * int(ip.size["width"])))
+    if img.do_image_splitting is False:
+        if img.max_patches is not None and img.max_patches > 1:
+            raise UserError(
+                f"model.image.do_image_splitting=false means one tile per image, but model.image.max_patches is "
+                f"{img.max_patches}; drop one of them"
+            )
+        hi = 1
+    elif img.do_image_splitting and hi <= 1:
+        raise UserError(
+            "model.image.do_image_splitting=true needs model.image.max_patches above 1 "
+            f"(the model's is {hi}); set max_patches, e.g. 6"
+        )
+    lo = min(lo, hi) if img.min_patches is None else lo
+    if lo > hi:
+        raise UserError(
+            f"model.image.min_patches ({lo}) is above max_patches ({hi}); lower it or raise max_patches"
+        )
+    ip.min_patches, ip.max_patches = lo, hi
+
+
+def card_image_lines(image: dict[str, Any]) -> list[str]:
+    """The model card snippet's lines that give a loaded InternVL processor vlm-tune's tiling."""
+    ip = "processor.image_processor"
+    if image.get("do_image_splitting") is False:
+        hi = "1"
+    elif image.get("max_patches") is not None:
+        hi = str(int(image["max_patches"]))
+    elif image.get("longest_edge"):  # the tile budget of an L x L image
+        edge = int(image["longest_edge"])
+        hi = f'max(1, {edge * edge} // ({ip}.size["height"] * {ip}.size["width"]))'
+    else:
+        hi = None
+    lines = []
+    if hi is not None:
+        lines.append(f"{ip}.max_patches = {hi}  # tiles per image (+1 thumbnail when over 1)")
+    if image.get("min_patches") is not None:
+        lines.append(f"{ip}.min_patches = {int(image['min_patches'])}")
+    elif hi is not None:
+        lines.append(f"{ip}.min_patches = min({ip}.min_patches, {ip}.max_patches)")
+    return lines
+
+
+# -- offline stand-in -------------------------------------------------------------------------------------
+STAND_IN = {  # small dims; published processor class, tokens and template; 32-px tiles of 4 tokens each
+    "tile_size": 32,  # published 448
+    "patch_size": 8,  # published 14
+    "downsample_ratio": 0.5,  # published (pixel shuffle): image_seq_length = (tile/patch)^2 * ratio^2
+    "min_patches": 1,
+    "max_patches": 12,
+    "crop_to_patches": False,  # the published saved value (the processor turns it on at call time)
+    "image_mean": [0.485, 0.456, 0.406],  # ImageNet, as published
+    "image_std": [0.229, 0.224, 0.225],
+    "vision_layers": 2,
+    "vision_hidden": 64,
+    "vision_heads": 4,
+    "text_hidden": 128,
+    "text_layers": 2,
+    "text_heads": 4,
+    "text_kv_heads": 2,
+    "text_intermediate": 256,
+    "vocab_size": 800,
+}
+
+
+def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
+    """Build (or reuse, if the same spec) the tiny InternVL stand-in in out_dir.
+
+    `published` overrides processor/vision-input settings (tile_size, patch_size, downsample_ratio,
+    min_patches, max_patches, crop_to_patches, image_mean, image_std) with a real checkpoint's, for the
+    rehearsal of a shipped config; the dims stay tiny."""
+    import torch
+    import transformers
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from vlm_tune.tiny import _replaceable, build_tokenizer, save_built_model
+
+    unknown = set(published) - set(STAND_IN)
+    if unknown:
+        raise ValueError(f"unknown InternVL stand-in settings: {sorted(unknown)}")
+    s = {**STAND_IN, **published}
+    out_dir = Path(out_dir)
+    want = {"family": "internvl", "seed": seed, **s}
+    marker = out_dir / "tiny_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return out_dir
+    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
+        raise UserError(
+            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(
+        s["vocab_size"],
+        SPECIAL_TOKENS,
+        eos=END_OF_TURN,
+        pad="<|endoftext|>",
+        extra_special_tokens=EXTRA_SPECIAL_TOKENS,
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ip = GotOcr2ImageProcessorPil(
+        size={"height": s["tile_size"], "width": s["tile_size"]},
+        crop_to_patches=s["crop_to_patches"],
+        min_patches=s["min_patches"],
+        max_patches=s["max_patches"],
+        image_mean=s["image_mean"],
+        image_std=s["image_std"],
+    )
+    image_seq_length = round((s["tile_size"] // s["patch_size"]) ** 2 * s["downsample_ratio"] ** 2)
+    processor = _image_only()(
+        image_processor=ip, tokenizer=tok, image_seq_length=image_seq_length, chat_template=CHAT_TEMPLATE
+    )
+    vision = {
+        "hidden_size": s["vision_hidden"],
+        "num_hidden_layers": s["vision_layers"],
+        "num_attention_heads": s["vision_heads"],
+        "intermediate_size": s["vision_hidden"] * 4,
+        "image_size": [s["tile_size"], s["tile_size"]],
+        "patch_size": [s["patch_size"], s["patch_size"]],
+    }
+    text = {
+        "model_type": "qwen2",  # InternVL3's decoder (InternVL3.5: qwen3)
+        "vocab_size": len(tok),
+        "hidden_size": s["text_hidden"],
+        "intermediate_size": s["text_intermediate"],
+        "num_hidden_layers": s["text_layers"],
+        "num_attention_heads": s["text_heads"],
+        "num_key_value_heads": s["text_kv_heads"],
+        "max_position_embeddings": 8192,
+        "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids[END_OF_TURN],
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+    }
+    config = transformers.InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=image_seq_length,
+        downsample_ratio=s["downsample_ratio"],
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.InternVLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids[END_OF_TURN]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = None
+    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
+
+
+FAMILY = Family(
+    name="internvl",
+    model_types=("internvl",),
+    processor_classes=("InternVLProcessor",),
+    builtin="builtin:tiny-internvl",
+    end_of_turn=END_OF_TURN,
+    image_tokens=IMAGE_TOKENS,
+    target_presets={
+        "decoder": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+        "projector": r"model\.multi_modal_projector\.linear_(1|2)",
+        "vision": r"model\.vision_tower\.encoder\.layer\.\d+\.(attention\.((q|k|v)_proj|projection_layer)|mlp\.fc(1|2))",
+    },
+    vision_module="model.vision_tower",
+    projector_modules=("model.multi_modal_projector",),
+    vision_save_modules=lambda model: ["vision_tower"],
+    apply_image_settings=apply_image_settings,
+    build_stand_in=build_stand_in,
+    load_processor=load_processor,
+    card_image_lines=card_image_lines,
+)
