@@ -68,6 +68,14 @@ class ImageSection(Section):
         description="Qwen families: most pixels an image is resized to (processor size.longest_edge); fewer "
         "pixels = fewer image tokens. For Qwen, longest_edge L means max_pixels L*L.",
     )
+    min_image_tokens: int | None = Field(
+        None, ge=1, description="LFM2-VL: fewest image tokens a single image/thumbnail is resized to."
+    )
+    max_image_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="LFM2-VL: most image tokens per single image/thumbnail; larger images are split into tiles.",
+    )
 
 
 class ModelSection(Section):

@@ -149,8 +149,12 @@ def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int
     """Tokens each (height, width) image expands to, without running the image processor.
 
     Idefics3Processor has `_get_num_multimodal_tokens`; SmolVLMProcessor (transformers 5.24) has not, so
-    its expansion text is built from the image processor's tile grid and tokenized.
+    its expansion text is built from the image processor's tile grid and tokenized. A family whose
+    expansion follows other rules counts it itself (`Family.image_token_counts`).
     """
+    counter = family_of_processor(processor).image_token_counts
+    if counter is not None:
+        return counter(processor, sizes)
     if hasattr(processor, "_get_num_multimodal_tokens"):
         return [int(n) for n in processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]]
     grids = [processor.image_processor.get_number_of_image_patches(h, w, {}) for h, w in sizes]

@@ -39,12 +39,14 @@ class Family:
     # model.image (a dict, as saved in config.yaml) → lines of the model card's snippet that set the same
     # knobs on `processor` after AutoProcessor.from_pretrained (so the card answers like vlm-tune)
     card_image_lines: Callable[[dict[str, Any]], list[str]] = lambda image: []
+    # (processor, [(height, width)]) → tokens each image expands to, where the generic count does not apply
+    image_token_counts: Callable[[Any, list[tuple[int, int]]], list[int]] | None = None
 
 
 def _families() -> tuple[Family, ...]:
-    from vlm_tune.families import qwen, smolvlm
+    from vlm_tune.families import lfm2vl, qwen, smolvlm
 
-    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL)
+    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, lfm2vl.FAMILY)
 
 
 def all_families() -> tuple[Family, ...]:
