@@ -41,6 +41,22 @@ STAND_INS: dict[str, StandIn] = {
     "HuggingFaceTB/SmolVLM-256M-Instruct": StandIn("idefics3", 512, 16, 4, 2048),
     "HuggingFaceTB/SmolVLM-Instruct": StandIn("idefics3", 384, 14, 3, 1536),
     "HuggingFaceTB/SmolVLM2-256M-Video-Instruct": StandIn("smolvlm", 512, 16, 4, 2048),
+    # processor_config.json of LiquidAI/LFM2-VL-450M (no thumbnail on the 450M; the model card's values)
+    "LiquidAI/LFM2-VL-450M": StandIn(
+        "lfm2-vl",
+        published=(
+            ("encoder_patch_size", 16),
+            ("downsample_factor", 2),
+            ("tile_size", 512),
+            ("min_image_tokens", 64),
+            ("max_image_tokens", 256),
+            ("min_tiles", 2),
+            ("max_tiles", 10),
+            ("max_pixels_tolerance", 2.0),
+            ("use_thumbnail", False),
+            ("do_image_splitting", True),
+        ),
+    ),
 }
 
 
