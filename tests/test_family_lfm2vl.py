@@ -205,6 +205,11 @@ def test_each_resolution_knob_changes_the_token_count(stand_in):
     assert (
         knob_tokens(stand_in, "model.image.max_image_tokens=64") > default
     )  # over the cap no more → one tile
+    # longest_edge L = the budget of an L x L image: 48 px → 3x3 = 9 tokens (16-px steps)
+    assert knob_tokens(stand_in, "model.image.longest_edge=48") == knob_tokens(
+        stand_in, "model.image.max_image_tokens=9"
+    )
+    assert knob_tokens(stand_in, "model.image.longest_edge=48", size=(48, 48)) == 9 + 2
     small = (32, 32)
     assert knob_tokens(stand_in, "model.image.min_image_tokens=16", size=small) > knob_tokens(
         stand_in, size=small
@@ -212,7 +217,7 @@ def test_each_resolution_knob_changes_the_token_count(stand_in):
 
 
 def test_knobs_of_other_families_are_rejected_naming_the_replacement(stand_in):
-    for knob in ("model.image.longest_edge=256", "model.image.max_pixels=4096"):
+    for knob in ("model.image.min_pixels=1024", "model.image.max_pixels=4096"):
         with pytest.raises(UserError, match="max_image_tokens"):
             knob_tokens(stand_in, knob)
     with pytest.raises(UserError, match="min_image_tokens"):
@@ -221,25 +226,25 @@ def test_knobs_of_other_families_are_rejected_naming_the_replacement(stand_in):
         knob_tokens(stand_in, "model.image.tile_size=40")
 
 
-def test_card_lines_give_a_loaded_processor_the_same_counts(stand_in):
+@pytest.mark.parametrize(
+    "overrides",
+    [["model.image.max_image_tokens=8", "model.image.tile_size=32"], ["model.image.longest_edge=24"]],
+)
+def test_card_lines_give_a_loaded_processor_the_same_counts(stand_in, overrides):
     from vlm_tune.model import load_processor
 
-    overrides = ["model.image.max_image_tokens=8", "model.image.tile_size=32"]
     cfg = build_config({"model": {"name_or_path": str(stand_in)}}, overrides)
     tuned = load_processor(str(stand_in), cfg)
     processor = lfm2vl.load_processor(str(stand_in))
     lines = lfm2vl.card_image_lines(cfg.model.image.model_dump())
-    assert lines == [
-        "processor.image_processor.max_image_tokens = 8",
-        "processor.image_processor.tile_size = 32",
-    ]
+    assert lines
     exec("\n".join(lines), {"processor": processor})
+    for key in ("max_image_tokens", "min_image_tokens", "tile_size", "do_image_splitting"):
+        assert getattr(processor.image_processor, key) == getattr(tuned.image_processor, key), key
     sizes = [(120, 200), (300, 20), (64, 64)]
     assert lfm2vl.image_token_counts(processor, sizes) == lfm2vl.image_token_counts(tuned, sizes)
-    text = "<image>"
-    a = processor(text=[text], images=[[image(200, 120)]])["input_ids"]
-    b = tuned(text=[text], images=[[image(200, 120)]])["input_ids"]
-    assert a == b
+    a = processor(text=["<image>"], images=[[image(200, 120)]])["input_ids"]
+    assert a == tuned(text=["<image>"], images=[[image(200, 120)]])["input_ids"]
 
 
 # -- against the real class (where torchvision imports: GPU machines) ---------------------------------------

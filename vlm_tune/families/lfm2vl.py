@@ -20,7 +20,9 @@
 - Resolution: no fixed tile count or pixel edge; the knobs are image *tokens*: min_image_tokens /
   max_image_tokens bound the single-tile (and thumbnail) size, an image more than max_pixels_tolerance times
   over the max is split into tile_size tiles (min_tiles..max_tiles of them), do_image_splitting turns
-  splitting off. model.image.* map 1:1 onto those (tile_size must stay a multiple of 2 * encoder patch).
+  splitting off. model.image.* map 1:1 onto those (tile_size must stay a multiple of 2 * encoder patch);
+  longest_edge L means max_image_tokens = the budget of an L x L image. Lowering max_image_tokens also
+  lowers the split threshold (2x max): smaller single tiles, but more images tiled.
 - Without torchvision transformers has no LFM2-VL image processor (only a torchvision class exists), so
   vlm-tune then loads its PIL port (`lfm2vl_image.Lfm2VlImageProcessorPil`, saved under the real name).
 """
@@ -90,12 +92,10 @@ def load_processor(path: str, revision: str | None = None) -> Any:
 
 
 def apply_image_settings(processor: Any, img: Any) -> None:
-    """model.image → the LFM2-VL image processor (image-token bounds, tile size, splitting)."""
-    if img.longest_edge is not None:
-        raise UserError(
-            "model.image.longest_edge: LFM2-VL sizes images by image tokens, not edges; set "
-            "model.image.max_image_tokens (and min_image_tokens), tile_size or do_image_splitting instead"
-        )
+    """model.image → the LFM2-VL image processor (image-token bounds, tile size, splitting).
+
+    longest_edge L means the token budget of an L x L image: max_image_tokens = (L // 32)**2 with the
+    published patch 16 and downsample 2 (an explicit max_image_tokens wins)."""
     for key in ("min_pixels", "max_pixels"):
         if getattr(img, key, None) is not None:
             raise UserError(
@@ -103,14 +103,18 @@ def apply_image_settings(processor: Any, img: Any) -> None:
                 "model.image.max_image_tokens / min_image_tokens instead"
             )
     ip = processor.image_processor
+    step = ip.encoder_patch_size * ip.downsample_factor
     values = {k: getattr(img, k, None) for k in KNOBS}
+    if img.longest_edge is not None and values["max_image_tokens"] is None:
+        values["max_image_tokens"] = max(1, img.longest_edge // step) ** 2
     lo = values["min_image_tokens"] if values["min_image_tokens"] is not None else ip.min_image_tokens
     hi = values["max_image_tokens"] if values["max_image_tokens"] is not None else ip.max_image_tokens
+    if lo > hi and values["min_image_tokens"] is None:  # a cap below the model's floor: the cap wins
+        values["min_image_tokens"] = lo = hi
     if lo > hi:
         raise UserError(
             f"model.image.min_image_tokens ({lo}) is above max_image_tokens ({hi}); lower it or raise the max"
         )
-    step = ip.encoder_patch_size * ip.downsample_factor
     if values["tile_size"] is not None and values["tile_size"] % step:
         raise UserError(
             f"model.image.tile_size={values['tile_size']} must be a multiple of {step} (the encoder patch "
@@ -125,7 +129,16 @@ def apply_image_settings(processor: Any, img: Any) -> None:
 
 def card_image_lines(image: dict[str, Any]) -> list[str]:
     """The model card snippet's lines that set model.image on a loaded LFM2-VL processor."""
-    return [f"processor.image_processor.{k} = {image[k]!r}" for k in KNOBS if image.get(k) is not None]
+    lines = [f"processor.image_processor.{k} = {image[k]!r}" for k in KNOBS if image.get(k) is not None]
+    if image.get("longest_edge") and image.get("max_image_tokens") is None:
+        lines += [
+            "ip = processor.image_processor  # longest_edge L → the token budget of an L x L image",
+            f"ip.max_image_tokens = max(1, {int(image['longest_edge'])} // (ip.encoder_patch_size * "
+            "ip.downsample_factor)) ** 2",
+        ]
+        if image.get("min_image_tokens") is None:
+            lines.append("ip.min_image_tokens = min(ip.min_image_tokens, ip.max_image_tokens)")
+    return lines
 
 
 def _vision_save_modules(model: Any) -> list[str]:
