@@ -176,6 +176,19 @@ def test_stand_in_is_a_hybrid_with_both_layer_kinds(stand_in):
     assert "model.language_model.layers.1.self_attn.out_proj" in names
 
 
+def test_bos_comes_from_the_template_once(processor):
+    """The published tokenizer adds <|startoftext|> by itself; the processor must not add a second one, and the
+    pre-flight count must not count one either (it tokenizes as the processor does)."""
+    tok = processor.tokenizer
+    bos = tok.convert_tokens_to_ids("<|startoftext|>")
+    assert tok("hi")["input_ids"][0] == bos  # as published: add_bos_token
+    collator = ChatCollator(processor, None, TEMPLATE)
+    r = {"id": "r", "images": [image(64, 64)], "question": "How many?", "answers": ["3"]}
+    ids = collator([r])["input_ids"][0]
+    assert ids[0] == bos and int((ids == bos).sum()) == 1
+    assert count_tokens(processor, collator, r)["total"] == len(ids)
+
+
 def test_template_is_the_published_one():
     assert len(lfm2vl.CHAT_TEMPLATE.encode()) == 434
     digest = hashlib.sha256(lfm2vl.CHAT_TEMPLATE.encode()).hexdigest()

@@ -167,7 +167,9 @@ def count_tokens(processor: Any, collator: ChatCollator, row: dict[str, Any]) ->
     messages = build_messages(row, collator.system, collator.user_template, with_answer=True)
     text, spans = collator.answer_spans(messages)
     tok = processor.tokenizer
-    enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+    # as the processor tokenizes (LFM2-VL's passes add_special_tokens=False: its template writes the bos token)
+    special = getattr(processor, "text_kwargs", {}).get("add_special_tokens", True)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=special)
     sizes = [(im.height, im.width) for im in row["images"]]
     image_tokens = sum(image_token_counts(processor, sizes)) if sizes else 0
     placeholder = getattr(processor, "image_token", "<image>")

@@ -197,8 +197,13 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
             f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(
-        s["vocab_size"], SPECIAL_TOKENS, eos=END_OF_TURN, pad="<|pad|>", bos_token="<|startoftext|>"
+    tok = build_tokenizer(  # like the published tokenizer: adds <|startoftext|> unless told not to
+        s["vocab_size"],
+        SPECIAL_TOKENS,
+        eos=END_OF_TURN,
+        pad="<|pad|>",
+        bos_token="<|startoftext|>",
+        add_bos_token=True,
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     settings = (
