@@ -188,7 +188,7 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
         raise ValueError(f"unknown LFM2-VL stand-in settings: {sorted(unknown)}")
     s = {**STAND_IN, **published}
     out_dir = Path(out_dir)
-    want = {"family": "lfm2_vl", "seed": seed, **s}
+    want = {"family": "lfm2_vl", "build": 2, "seed": seed, **s}  # build: bump when the builder changes
     marker = out_dir / "tiny_spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return out_dir
