@@ -155,7 +155,9 @@ STAND_IN = {  # tiny dims; processor settings scaled down: patch 8, 64-px tiles,
     "text_heads": 4,
     "text_kv_heads": 2,
     "text_intermediate": 256,
-    "layer_types": ["conv", "full_attention"],  # LFM2 is a hybrid: keep one layer of each kind
+    # LFM2 is a hybrid (the 350M decoder: conv, conv, attention, ...): two of each kind. With only one
+    # attention layer (conv, attention) the quickstart learned slowly: loss 0.58 → 0.47 over steps 200-400
+    "layer_types": ["conv", "full_attention", "conv", "full_attention"],
     "projector_hidden": 128,
     "vocab_size": 900,
     "encoder_patch_size": 8,
@@ -188,7 +190,7 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
         raise ValueError(f"unknown LFM2-VL stand-in settings: {sorted(unknown)}")
     s = {**STAND_IN, **published}
     out_dir = Path(out_dir)
-    want = {"family": "lfm2_vl", "build": 2, "seed": seed, **s}  # build: bump when the builder changes
+    want = {"family": "lfm2_vl", "build": 3, "seed": seed, **s}  # build: bump when the builder changes
     marker = out_dir / "tiny_spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return out_dir
