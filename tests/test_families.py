@@ -18,7 +18,7 @@ from vlm_tune.families import all_families, family_of_config, family_of_processo
 from vlm_tune.families import load_processor as load_family_processor
 
 TEMPLATE = "{question}\nAnswer with a single word or number."
-FAMILIES = ["smolvlm", "qwen2.5-vl", "qwen3-vl", "paligemma", "internvl"]
+FAMILIES = ["smolvlm", "qwen2.5-vl", "qwen3-vl", "paligemma", "internvl", "lfm2-vl"]
 CHAT = [f for f in FAMILIES if f != "paligemma"]  # chat-template families (PaliGemma: prefix-LM)
 # what separates the assistant marker from the answer in each published template (it is not supervised)
 EOT = {
@@ -27,14 +27,16 @@ EOT = {
     "qwen3-vl": "<|im_end|>",
     "paligemma": "<eos>",
     "internvl": "<|im_end|>",
+    "lfm2-vl": "<|im_end|>",
 }
-LEAD = {"smolvlm": " ", "qwen2.5-vl": "", "qwen3-vl": "", "paligemma": "", "internvl": ""}
+LEAD = {"smolvlm": " ", "qwen2.5-vl": "", "qwen3-vl": "", "paligemma": "", "internvl": "", "lfm2-vl": ""}
 PROCESSOR_CLASS = {
     "smolvlm": "Idefics3Processor",
     "qwen2.5-vl": "Qwen2_5_VLProcessor",
     "qwen3-vl": "Qwen3VLProcessor",
     "paligemma": "PaliGemmaProcessor",
     "internvl": "InternVLProcessor",
+    "lfm2-vl": "Lfm2VlProcessor",
 }
 
 
@@ -243,7 +245,7 @@ def test_lora_presets_resolve_to_the_family_modules(name, stand_ins):
 
 # -- training, eval, predict --------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl", "internvl"])
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl", "internvl", "lfm2-vl"])
 def test_three_steps_train_decoder_and_projector_only_then_eval_and_predict(name, stand_ins, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText

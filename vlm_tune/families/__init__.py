@@ -48,12 +48,14 @@ class Family:
     # model.attn_implementation → what from_pretrained gets (a family whose decoder lacks a kernel maps it per
     # sub-model, e.g. PaliGemma 2: Gemma 2 has no sdpa)
     attn_implementation: Callable[[str], Any] = lambda name: name
+    # (processor, [(height, width)]) → tokens each image expands to, where the generic count does not apply
+    image_token_counts: Callable[[Any, list[tuple[int, int]]], list[int]] | None = None
 
 
 def _families() -> tuple[Family, ...]:
-    from vlm_tune.families import internvl, paligemma, qwen, smolvlm
+    from vlm_tune.families import internvl, lfm2vl, paligemma, qwen, smolvlm
 
-    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, paligemma.FAMILY, internvl.FAMILY)
+    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, paligemma.FAMILY, internvl.FAMILY, lfm2vl.FAMILY)
 
 
 def all_families() -> tuple[Family, ...]:
