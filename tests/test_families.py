@@ -18,7 +18,7 @@ from vlm_tune.families import all_families, family_of_config, family_of_processo
 from vlm_tune.families import load_processor as load_family_processor
 
 TEMPLATE = "{question}\nAnswer with a single word or number."
-FAMILIES = ["smolvlm", "qwen2.5-vl", "qwen3-vl", "paligemma", "internvl", "gemma3"]
+FAMILIES = ["smolvlm", "qwen2.5-vl", "qwen3-vl", "paligemma", "internvl", "lfm2-vl", "gemma3"]
 CHAT = [f for f in FAMILIES if f != "paligemma"]  # chat-template families (PaliGemma: prefix-LM)
 # what separates the assistant marker from the answer in each published template (it is not supervised)
 EOT = {
@@ -27,15 +27,25 @@ EOT = {
     "qwen3-vl": "<|im_end|>",
     "paligemma": "<eos>",
     "internvl": "<|im_end|>",
+    "lfm2-vl": "<|im_end|>",
     "gemma3": "<end_of_turn>",
 }
-LEAD = {"smolvlm": " ", "qwen2.5-vl": "", "qwen3-vl": "", "paligemma": "", "internvl": "", "gemma3": ""}
+LEAD = {
+    "smolvlm": " ",
+    "qwen2.5-vl": "",
+    "qwen3-vl": "",
+    "paligemma": "",
+    "internvl": "",
+    "lfm2-vl": "",
+    "gemma3": "",
+}
 PROCESSOR_CLASS = {
     "smolvlm": "Idefics3Processor",
     "qwen2.5-vl": "Qwen2_5_VLProcessor",
     "qwen3-vl": "Qwen3VLProcessor",
     "paligemma": "PaliGemmaProcessor",
     "internvl": "InternVLProcessor",
+    "lfm2-vl": "Lfm2VlProcessor",
     "gemma3": "Gemma3Processor",
 }
 
@@ -250,7 +260,7 @@ def test_lora_presets_resolve_to_the_family_modules(name, stand_ins):
 
 # -- training, eval, predict --------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl", "internvl", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl", "internvl", "lfm2-vl", "gemma3"])
 def test_three_steps_train_decoder_and_projector_only_then_eval_and_predict(name, stand_ins, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText

@@ -244,7 +244,7 @@ def test_card_lines_give_a_plain_processor_the_trained_resolution(stand_in):
     assert FAMILY.card_image_lines({}) == []
 
 
-@pytest.mark.parametrize("family", ["smolvlm", "qwen2.5-vl", "paligemma", "internvl"])
+@pytest.mark.parametrize("family", ["smolvlm", "qwen2.5-vl", "paligemma", "internvl", "lfm2-vl"])
 def test_other_families_refuse_the_pan_and_scan_knobs(family, tiny_dir, tmp_path):
     from vlm_tune.families import all_families
     from vlm_tune.model import load_processor

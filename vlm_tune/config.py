@@ -77,6 +77,14 @@ class ImageSection(Section):
     min_patches: int | None = Field(
         None, ge=1, description="InternVL: fewest tiles an image is cut into (published 1)."
     )
+    min_image_tokens: int | None = Field(
+        None, ge=1, description="LFM2-VL: fewest image tokens a single image/thumbnail is resized to."
+    )
+    max_image_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="LFM2-VL: most image tokens per single image/thumbnail; larger images are split into tiles.",
+    )
     pan_and_scan: bool | None = Field(
         None,
         description="Gemma 3: also cut wide/tall images (aspect >= 1.2) into crops, 256 more tokens each "

@@ -73,6 +73,22 @@ STAND_INS: dict[str, StandIn] = {
         "internvl",
         published=(("tile_size", 448), ("patch_size", 14), ("min_patches", 1), ("max_patches", 12)),
     ),
+    # processor_config.json of LiquidAI/LFM2-VL-450M (no thumbnail on the 450M; the model card's values)
+    "LiquidAI/LFM2-VL-450M": StandIn(
+        "lfm2-vl",
+        published=(
+            ("encoder_patch_size", 16),
+            ("downsample_factor", 2),
+            ("tile_size", 512),
+            ("min_image_tokens", 64),
+            ("max_image_tokens", 256),
+            ("min_tiles", 2),
+            ("max_tiles", 10),
+            ("max_pixels_tolerance", 2.0),
+            ("use_thumbnail", False),
+            ("do_image_splitting", True),
+        ),
+    ),
     # Gemma 3 4B: preprocessor_config.json (896 x 896, mean/std 0.5) and config.json (SigLIP patch 14,
     # mm_tokens_per_image 256)
     "google/gemma-3-4b-it": StandIn(

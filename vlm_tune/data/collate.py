@@ -175,8 +175,12 @@ def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int
     """Tokens each (height, width) image expands to, without running the image processor.
 
     Idefics3Processor has `_get_num_multimodal_tokens`; SmolVLMProcessor (transformers 5.24) has not, so
-    its expansion text is built from the image processor's tile grid and tokenized.
+    its expansion text is built from the image processor's tile grid and tokenized. A family whose
+    expansion follows other rules counts it itself (`Family.image_token_counts`).
     """
+    counter = family_of_processor(processor).image_token_counts
+    if counter is not None:
+        return counter(processor, sizes)
     if hasattr(processor, "_get_num_multimodal_tokens"):
         return [int(n) for n in processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]]
     grids = [processor.image_processor.get_number_of_image_patches(h, w, {}) for h, w in sizes]
@@ -191,6 +195,8 @@ def count_tokens(processor: Any, collator: Any, row: dict[str, Any]) -> dict[str
     messages = build_messages(row, collator.system, collator.user_template, with_answer=True)
     text, spans = collator.answer_spans(messages, row.get("id"))
     tok = processor.tokenizer
+    # as the processor tokenizes in the collator: no special tokens added (the template wrote them: Gemma 3's
+    # and LFM2-VL's <bos>)
     enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
     sizes = [(im.height, im.width) for im in row["images"]]
     placeholder = getattr(processor, "image_token", "<image>")

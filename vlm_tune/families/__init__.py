@@ -48,6 +48,8 @@ class Family:
     # model.attn_implementation → what from_pretrained gets (a family whose decoder lacks a kernel maps it per
     # sub-model, e.g. PaliGemma 2: Gemma 2 has no sdpa)
     attn_implementation: Callable[[str], Any] = lambda name: name
+    # (processor, [(height, width)]) → tokens each image expands to, where the generic count does not apply
+    image_token_counts: Callable[[Any, list[tuple[int, int]]], list[int]] | None = None
     # (processor, rendered text, image (height, width)s) → the text the processor tokenizes once each image
     # placeholder is expanded, without the image processor; for count_tokens where the expansion tokenizes
     # differently in context (Gemma 3's newlines, pan-and-scan crops). None: the count adds tokens per image.
@@ -58,9 +60,17 @@ class Family:
 
 
 def _families() -> tuple[Family, ...]:
-    from vlm_tune.families import gemma3, internvl, paligemma, qwen, smolvlm
+    from vlm_tune.families import gemma3, internvl, lfm2vl, paligemma, qwen, smolvlm
 
-    return (smolvlm.FAMILY, qwen.QWEN2_5_VL, qwen.QWEN3_VL, paligemma.FAMILY, internvl.FAMILY, gemma3.FAMILY)
+    return (
+        smolvlm.FAMILY,
+        qwen.QWEN2_5_VL,
+        qwen.QWEN3_VL,
+        paligemma.FAMILY,
+        internvl.FAMILY,
+        lfm2vl.FAMILY,
+        gemma3.FAMILY,
+    )
 
 
 def all_families() -> tuple[Family, ...]:

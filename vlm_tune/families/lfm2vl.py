@@ -1,0 +1,293 @@
+"""LFM2-VL (LiquidAI/LFM2-VL-450M, LFM2-VL-1.6B): everything vlm-tune knows about this family.
+
+- Model (transformers 5.x `Lfm2VlForConditionalGeneration`, model_type `lfm2_vl`): a SigLIP2 NaFlex vision tower
+  `model.vision_tower` (variable resolution: each tile keeps its aspect ratio, patches padded to
+  max_num_patches with `pixel_attention_mask`, `spatial_shapes` per tile), a projector
+  `model.multi_modal_projector` (pixel unshuffle by downsample_factor 2, LayerNorm, `linear_1`, GELU,
+  `linear_2`) and an LFM2 decoder `model.language_model`: a hybrid of short-convolution layers
+  (`conv.in_proj`, `conv.out_proj` around a depthwise Conv1d) and grouped-query attention layers
+  (`self_attn.{q,k,v,out}_proj`, note `out_proj`, not `o_proj`), every layer with a SwiGLU
+  `feed_forward.{w1,w2,w3}`. Word embeddings are tied to the LM head.
+- Chat: ChatML opened by `<|startoftext|>` (the template writes the bos token itself; the processor tokenizes
+  with add_special_tokens=False). An answer is `<|im_start|>assistant\\n ANSWER <|im_end|>`; `<|im_end|>`
+  closes it and is supervised with it.
+- Images: `<image>` in the template; Lfm2VlProcessor replaces it with `<|image_start|>`, then for a tiled image
+  `<|img_row_R_col_C|>` + tokens_per_tile `<image>` per tile and `<|img_thumbnail|>` + the thumbnail's
+  `<image>` tokens, or the single tile's `<image>` tokens, then `<|image_end|>`. It reports where each
+  expansion landed (`text_replacement_offsets`) through its own __call__. Image-related tokens (never
+  supervised): those five kinds. The token count per image follows from the image size alone
+  (`lfm2vl_image.layout`), so the pre-flight budget needs no pixels (`Family.image_token_counts`).
+- Resolution: no fixed tile count or pixel edge; the knobs are image *tokens*: min_image_tokens /
+  max_image_tokens bound the single-tile (and thumbnail) size, an image more than max_pixels_tolerance times
+  over the max is split into tile_size tiles (min_tiles..max_tiles of them), do_image_splitting turns
+  splitting off. model.image.* map 1:1 onto those (tile_size must stay a multiple of 2 * encoder patch);
+  longest_edge L means max_image_tokens = the budget of an L x L image. Lowering max_image_tokens also
+  lowers the split threshold (2x max): smaller single tiles, but more images tiled.
+- Without torchvision transformers has no LFM2-VL image processor (only a torchvision class exists), so
+  vlm-tune then loads its PIL port (`lfm2vl_image.Lfm2VlImageProcessorPil`, saved under the real name).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlm_tune.errors import UserError
+from vlm_tune.families import Family
+from vlm_tune.families.lfm2vl_image import image_token_counts
+
+GRID = range(1, 11)  # the published tokenizer has <|img_row_R_col_C|> for R, C in 1..10 (max_tiles 10)
+IMAGE_TOKENS = ("<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>") + tuple(
+    f"<|img_row_{r}_col_{c}|>" for r in GRID for c in GRID
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", *IMAGE_TOKENS]
+END_OF_TURN = "<|im_end|>"
+
+# Source: chat_template.jinja of LiquidAI/LFM2-VL-450M (434 bytes, as published with the checkpoint; read from
+# a copy of the repository's files), verbatim. sha256 pinned in tests/test_family_lfm2vl.py.
+CHAT_TEMPLATE = (
+    "{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if "
+    "message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if "
+    "add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# model.image knob → image processor attribute (same meaning, same name)
+KNOBS = ("min_image_tokens", "max_image_tokens", "tile_size", "do_image_splitting")
+
+
+# -- processor ----------------------------------------------------------------------------------------------
+def _pil_processor_class() -> type:
+    """Lfm2VlProcessor loading its image processor with the PIL port (same class name, so saved files are
+    the standard ones)."""
+    from transformers import AutoTokenizer, Lfm2VlProcessor
+
+    from vlm_tune.families.lfm2vl_image import Lfm2VlImageProcessorPil
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, path, processor_dict=None, **kwargs):  # noqa: N807
+        return [
+            Lfm2VlImageProcessorPil.from_pretrained(path, **kwargs),
+            AutoTokenizer.from_pretrained(path, **kwargs),
+        ]
+
+    return type(
+        "Lfm2VlProcessor",
+        (Lfm2VlProcessor,),
+        {"_get_arguments_from_pretrained": _get_arguments_from_pretrained, "__module__": __name__},
+    )
+
+
+def load_processor(path: str, revision: str | None = None) -> Any:
+    """Lfm2VlProcessor; with the PIL image processor port where torchvision is missing."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import Lfm2VlProcessor
+
+        return Lfm2VlProcessor.from_pretrained(path, revision=revision)
+    return _pil_processor_class().from_pretrained(path, revision=revision)
+
+
+def apply_image_settings(processor: Any, img: Any) -> None:
+    """model.image → the LFM2-VL image processor (image-token bounds, tile size, splitting).
+
+    longest_edge L means the token budget of an L x L image: max_image_tokens = (L // 32)**2 with the
+    published patch 16 and downsample 2 (an explicit max_image_tokens wins)."""
+    for key in ("min_pixels", "max_pixels"):
+        if getattr(img, key, None) is not None:
+            raise UserError(
+                f"model.image.{key} is a Qwen knob; LFM2-VL sizes images by image tokens: set "
+                "model.image.max_image_tokens / min_image_tokens instead"
+            )
+    for key in ("pan_and_scan", "max_crops"):
+        if getattr(img, key, None) is not None:
+            raise UserError(
+                f"model.image.{key} is a Gemma 3 knob; LFM2-VL sizes images by image tokens: set "
+                "model.image.max_image_tokens / min_image_tokens (and tile_size) instead"
+            )
+    ip = processor.image_processor
+    step = ip.encoder_patch_size * ip.downsample_factor
+    values = {k: getattr(img, k, None) for k in KNOBS}
+    if img.longest_edge is not None and values["max_image_tokens"] is None:
+        values["max_image_tokens"] = max(1, img.longest_edge // step) ** 2
+    lo = values["min_image_tokens"] if values["min_image_tokens"] is not None else ip.min_image_tokens
+    hi = values["max_image_tokens"] if values["max_image_tokens"] is not None else ip.max_image_tokens
+    if lo > hi and values["min_image_tokens"] is None:  # a cap below the model's floor: the cap wins
+        values["min_image_tokens"] = lo = hi
+    if lo > hi:
+        raise UserError(
+            f"model.image.min_image_tokens ({lo}) is above max_image_tokens ({hi}); lower it or raise the max"
+        )
+    if values["tile_size"] is not None and values["tile_size"] % step:
+        raise UserError(
+            f"model.image.tile_size={values['tile_size']} must be a multiple of {step} (the encoder patch "
+            f"{ip.encoder_patch_size} x downsample factor {ip.downsample_factor})"
+        )
+    for key, value in values.items():
+        if value is not None:
+            setattr(ip, key, value)
+    tile_patches = (ip.tile_size // ip.encoder_patch_size) ** 2 if ip.do_image_splitting else 0
+    ip.max_num_patches = max(ip.max_image_tokens * ip.downsample_factor**2, tile_patches)
+
+
+def card_image_lines(image: dict[str, Any]) -> list[str]:
+    """The model card snippet's lines that set model.image on a loaded LFM2-VL processor."""
+    lines = [f"processor.image_processor.{k} = {image[k]!r}" for k in KNOBS if image.get(k) is not None]
+    if image.get("longest_edge") and image.get("max_image_tokens") is None:
+        lines += [
+            "ip = processor.image_processor  # longest_edge L → the token budget of an L x L image",
+            f"ip.max_image_tokens = max(1, {int(image['longest_edge'])} // (ip.encoder_patch_size * "
+            "ip.downsample_factor)) ** 2",
+        ]
+        if image.get("min_image_tokens") is None:
+            lines.append("ip.min_image_tokens = min(ip.min_image_tokens, ip.max_image_tokens)")
+    return lines
+
+
+def _vision_save_modules(model: Any) -> list[str]:
+    """The vision tower, trained fully under model.train_vision (the projector sits outside it)."""
+    return ["vision_tower"]
+
+
+# -- offline stand-in ---------------------------------------------------------------------------------------
+STAND_IN = {  # tiny dims; processor settings scaled down: patch 8, 64-px tiles, 4..16 image tokens per tile
+    "vision_hidden": 64,
+    "vision_layers": 2,
+    "vision_heads": 4,
+    "text_hidden": 128,
+    "text_heads": 4,
+    "text_kv_heads": 2,
+    "text_intermediate": 256,
+    # LFM2 is a hybrid (the 350M decoder: conv, conv, attention, ...): two of each kind. With only one
+    # attention layer (conv, attention) the quickstart learned slowly: loss 0.58 → 0.47 over steps 200-400
+    "layer_types": ["conv", "full_attention", "conv", "full_attention"],
+    "projector_hidden": 128,
+    "vocab_size": 900,
+    "encoder_patch_size": 8,
+    "downsample_factor": 2,
+    "tile_size": 64,
+    "min_image_tokens": 4,
+    "max_image_tokens": 16,
+    "min_tiles": 2,
+    "max_tiles": 4,
+    "max_pixels_tolerance": 2.0,
+    "use_thumbnail": True,
+    "do_image_splitting": True,
+}
+PUBLISHED_KEYS = {"image_mean", "image_std"}
+
+
+def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
+    """Build (or reuse, if the same spec) the tiny LFM2-VL stand-in in out_dir.
+
+    `published` overrides processor settings (encoder_patch_size, tile_size, min/max_image_tokens,
+    min/max_tiles, use_thumbnail, ...) with a real checkpoint's, for the rehearsal of a shipped config."""
+    import torch
+    import transformers
+
+    from vlm_tune.families.lfm2vl_image import Lfm2VlImageProcessorPil
+    from vlm_tune.tiny import _replaceable, build_tokenizer, save_built_model
+
+    unknown = set(published) - set(STAND_IN) - PUBLISHED_KEYS
+    if unknown:
+        raise ValueError(f"unknown LFM2-VL stand-in settings: {sorted(unknown)}")
+    s = {**STAND_IN, **published}
+    out_dir = Path(out_dir)
+    want = {"family": "lfm2_vl", "build": 3, "seed": seed, **s}  # build: bump when the builder changes
+    marker = out_dir / "tiny_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return out_dir
+    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
+        raise UserError(
+            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(  # like the published tokenizer: adds <|startoftext|> unless told not to
+        s["vocab_size"],
+        SPECIAL_TOKENS,
+        eos=END_OF_TURN,
+        pad="<|pad|>",
+        bos_token="<|startoftext|>",
+        add_bos_token=True,
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    settings = (
+        "encoder_patch_size",
+        "downsample_factor",
+        "tile_size",
+        "min_image_tokens",
+        "max_image_tokens",
+    )
+    settings += ("min_tiles", "max_tiles", "max_pixels_tolerance", "use_thumbnail", "do_image_splitting")
+    ip = Lfm2VlImageProcessorPil(
+        image_mean=s.get("image_mean", [0.5] * 3),
+        image_std=s.get("image_std", [0.5] * 3),
+        **{k: s[k] for k in settings},
+    )
+    processor = _pil_processor_class()(image_processor=ip, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    vision = {
+        "hidden_size": s["vision_hidden"],
+        "intermediate_size": s["vision_hidden"] * 2,
+        "num_hidden_layers": s["vision_layers"],
+        "num_attention_heads": s["vision_heads"],
+        "patch_size": s["encoder_patch_size"],
+        "num_patches": ip.max_num_patches,  # position grid, resized per tile to its spatial shape
+        "vision_use_head": False,
+    }
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": s["text_hidden"],
+        "intermediate_size": s["text_intermediate"],
+        "block_auto_adjust_ff_dim": False,  # else the FFN is resized to a multiple of 256
+        "num_hidden_layers": len(s["layer_types"]),
+        "layer_types": s["layer_types"],
+        "num_attention_heads": s["text_heads"],
+        "num_key_value_heads": s["text_kv_heads"],
+        "max_position_embeddings": 4096,
+        "pad_token_id": ids["<|pad|>"],
+        "bos_token_id": ids["<|startoftext|>"],
+        "eos_token_id": ids[END_OF_TURN],
+    }
+    config = transformers.Lfm2VlConfig(
+        vision_config={"model_type": "siglip2_vision_model", **vision},
+        text_config={"model_type": "lfm2", **text},
+        image_token_id=ids["<image>"],
+        projector_hidden_size=s["projector_hidden"],
+        downsample_factor=s["downsample_factor"],
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.Lfm2VlForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids[END_OF_TURN]
+    model.generation_config.pad_token_id = ids["<|pad|>"]
+    model.generation_config.bos_token_id = ids["<|startoftext|>"]
+    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
+
+
+FAMILY = Family(
+    name="lfm2-vl",
+    model_types=("lfm2_vl",),
+    processor_classes=("Lfm2VlProcessor",),
+    builtin="builtin:tiny-lfm2-vl",
+    end_of_turn=END_OF_TURN,
+    image_tokens=IMAGE_TOKENS,
+    target_presets={
+        "decoder": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|conv\.(in|out)_proj"
+        r"|feed_forward\.w(1|2|3))",
+        "projector": r"model\.multi_modal_projector\.linear_(1|2)",
+        "vision": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj"
+        r"|mlp\.fc(1|2))",
+    },
+    vision_module="model.vision_tower",
+    projector_modules=("model.multi_modal_projector",),
+    vision_save_modules=_vision_save_modules,
+    apply_image_settings=apply_image_settings,
+    build_stand_in=build_stand_in,
+    load_processor=load_processor,
+    card_image_lines=card_image_lines,
+    image_token_counts=image_token_counts,
+)
