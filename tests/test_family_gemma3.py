@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from vlm_tune.config import build_config
+from vlm_tune.data.chat import build_messages
 from vlm_tune.data.collate import IGNORE_INDEX, ChatCollator, count_tokens
 from vlm_tune.errors import UserError
 from vlm_tune.families import load_processor as load_family_processor
@@ -139,9 +140,7 @@ def test_preflight_count_uses_the_expansion_in_context(processor):
     r = row("42", [img(), img(30, 90)])
     counts = count_tokens(processor, collator, r)
     assert counts["total"] == collator([r])["input_ids"].shape[1]
-    text, _ = collator.answer_spans(
-        [*__import__("vlm_tune.data.chat", fromlist=["x"]).build_messages(r, "You read charts.", TEMPLATE)]
-    )
+    text, _ = collator.answer_spans(build_messages(r, "You read charts.", TEMPLATE))
     tok = processor.tokenizer
     per_image = processor._get_num_multimodal_tokens(image_sizes=[(64, 64), (90, 30)])["num_image_tokens"]
     naive = len(tok(text, add_special_tokens=False)["input_ids"]) - 2 + sum(per_image)
