@@ -377,3 +377,15 @@ def test_processor_built_without_torchvision_saves_the_checkpoint_video_config(n
     load_family_processor(str(ckpt)).save_pretrained(tmp_path / "saved")
     saved = (tmp_path / "saved" / "video_preprocessor_config.json").read_bytes()
     assert saved == (ckpt / "video_preprocessor_config.json").read_bytes()
+
+
+def test_schema_and_readme_name_every_family_stand_in():
+    from pathlib import Path
+
+    from vlm_tune.config import ModelSection
+
+    doc = ModelSection.model_fields["name_or_path"].description
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for f in all_families():
+        assert f"'{f.builtin}'" in doc, f.builtin
+        assert f"`{f.builtin}`" in readme, f.builtin

@@ -120,3 +120,16 @@ def test_unknown_model_has_no_stand_in():
 
     with pytest.raises(UserError, match="no rehearsal stand-in"):
         stand_in_for("someone/NewVLM-1B")
+
+
+@pytest.mark.parametrize("model_id", sorted(k for k, v in STAND_INS.items() if v.family != "builtin"))
+def test_each_stand_in_has_its_checkpoint_architecture(model_id, tmp_path):
+    """The rehearsal's stand-in of a checkpoint is that checkpoint's architecture (SmolVLM2 is not Idefics3)."""
+    from vlm_tune.families import all_families
+
+    kind = stand_in_for(model_id).family
+    fam = next((f for f in all_families() if f.name == kind), None)
+    want = kind if kind in ("idefics3", "smolvlm") else fam.model_types[0]
+    out = build_stand_in_model(model_id, tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["model_type"] == want
+    assert json.loads((out / "stand_in.json").read_text()) == {"stands_in_for": model_id}

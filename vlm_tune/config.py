@@ -101,8 +101,9 @@ class ModelSection(Section):
     name_or_path: str = Field(
         BUILTIN_TINY,
         description="Hub id, local directory, or an offline model built on demand: 'builtin:tiny' (SmolVLM), "
-        "'builtin:tiny-qwen2.5-vl', 'builtin:tiny-qwen3-vl', 'builtin:smollm2-135m' (real SmolLM2-135M decoder "
-        "+ small vision tower; extra [real-decoder]), 'builtin:tiny-gemma3'.",
+        "'builtin:tiny-qwen2.5-vl', 'builtin:tiny-qwen3-vl', 'builtin:tiny-gemma3', 'builtin:tiny-internvl', "
+        "'builtin:tiny-paligemma', 'builtin:tiny-lfm2-vl' (random tiny stand-ins), 'builtin:smollm2-135m' (real "
+        "SmolLM2-135M decoder + small vision tower; extra [real-decoder]).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

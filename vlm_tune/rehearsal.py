@@ -125,7 +125,7 @@ def build_stand_in_model(name_or_path: str, out_dir: str | Path, seed: int = 0) 
         raise UserError(f"{name_or_path} is built by vlm-tune itself; rehearse it as it is")
     out_dir = Path(out_dir)
     fam = next((f for f in all_families() if f.name == s.family), None)
-    if fam is not None:
+    if s.family not in ("idefics3", "smolvlm") and fam is not None:  # SmolVLM kinds: built below
         built = fam.build_stand_in(out_dir, seed=seed, **dict(s.published))
         (built / "stand_in.json").write_text(json.dumps({"stands_in_for": name_or_path}) + "\n")
         return built
