@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vlm_tune.data.collate import ChatCollator
+from vlm_tune.data.collate import PromptCollator
 from vlm_tune.metrics import (
     aggregate,
     clean_generation,
@@ -32,7 +32,7 @@ from vlm_tune.metrics import (
 def generate_answers(
     model: Any,
     processor: Any,
-    collator: ChatCollator,
+    collator: PromptCollator,
     rows: Sequence[dict[str, Any]],
     batch_size: int = 16,
     max_new_tokens: int = 16,
@@ -92,7 +92,7 @@ def generate_answers(
 def evaluate(
     model: Any,
     processor: Any,
-    collator: ChatCollator,
+    collator: PromptCollator,
     rows: Sequence[dict[str, Any]],
     out_dir: str | Path,
     batch_size: int = 16,

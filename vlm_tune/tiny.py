@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,56 @@ def save_built_model(model: Any, processor: Any, out_dir: Path, spec_file: str, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def stand_in_settings(
+    label: str, defaults: dict[str, Any], published: dict[str, Any], optional: Iterable[str] = ()
+) -> dict[str, Any]:
+    """A family stand-in's settings: its tiny defaults overridden by a real checkpoint's `published` ones
+    (tuples as lists, as the JSON spec marker holds them); a key it does not know (outside `defaults` and
+    `optional`) is a ValueError naming the family."""
+    unknown = set(published) - set(defaults) - set(optional)
+    if unknown:
+        raise ValueError(f"unknown {label} stand-in settings: {sorted(unknown)}")
+    return {**defaults, **{k: list(v) if isinstance(v, tuple) else v for k, v in published.items()}}
+
+
+def save_stand_in(
+    model_cls: Any,
+    config: Any,
+    processor: Any,
+    out_dir: Path,
+    want: dict[str, Any],
+    seed: int,
+    *,
+    eos: int | list[int],
+    pad: int,
+    bos: int | None,
+) -> Path:
+    """Initialise a family stand-in with seeded random weights (the global RNG untouched), set the ids its
+    generation uses, and save it with its spec marker (save_built_model)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = eos, pad, bos
+    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
+
+
+def reuse_or_prepare(out_dir: Path, want: dict[str, Any]) -> bool:
+    """True if out_dir already holds a complete build of `want` (its tiny_spec.json); otherwise make ready to
+    build there, refusing a directory that is neither empty nor an earlier build. For the family stand-ins."""
+    marker = out_dir / "tiny_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return True
+    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
+        raise UserError(
+            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 def _replaceable(out_dir: Path) -> bool:

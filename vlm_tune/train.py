@@ -17,7 +17,7 @@ from transformers import PrinterCallback, set_seed
 from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
 from vlm_tune.data.chat import save_prompt
-from vlm_tune.data.collate import ChatCollator, make_collator
+from vlm_tune.data.collate import PromptCollator, make_collator
 from vlm_tune.data.sources import LazyRows, RowDataset, load_split
 from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
 from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
@@ -212,7 +212,7 @@ def save_final(
 def _evaluate(
     model: Any,
     processor: Any,
-    collator: ChatCollator,
+    collator: PromptCollator,
     rows: Any,
     cfg: Config,
     out: Path,

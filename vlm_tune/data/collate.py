@@ -39,8 +39,9 @@ def image_token_ids(processor: Any) -> set[int]:
     return {i for i in ids if i is not None and i != tok.unk_token_id}
 
 
-class ChatCollator:
-    """Builds training batches (right-padded, with labels) or generation batches (left-padded, no answer)."""
+class PromptCollator:
+    """What every collator holds: the processor, the prompt contract, the token budget, the family's end of
+    answer and image token ids. `make_collator` picks the subclass for the processor's family."""
 
     def __init__(self, processor: Any, system: str | None, user_template: str, max_length: int | None = None):
         self.processor = processor
@@ -49,6 +50,10 @@ class ChatCollator:
         self.max_length = max_length
         self.eot = end_of_turn_token(processor)
         self.image_ids = image_token_ids(processor)
+
+
+class ChatCollator(PromptCollator):
+    """Builds training batches (right-padded, with labels) or generation batches (left-padded, no answer)."""
 
     # -- text ---------------------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
@@ -160,7 +165,7 @@ class ChatCollator:
 
 def make_collator(
     processor: Any, system: str | None, user_template: str, max_length: int | None = None
-) -> Any:
+) -> PromptCollator:
     """The collator for the processor's family: `ChatCollator`, or `PrefixLMCollator` for a prefix-LM
     (PaliGemma: no chat template; prompt = prefix, answer = suffix). Every train/eval/predict/check path
     builds its collator here."""
@@ -188,7 +193,7 @@ def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int
     return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def count_tokens(processor: Any, collator: Any, row: dict[str, Any]) -> dict[str, int]:
+def count_tokens(processor: Any, collator: PromptCollator, row: dict[str, Any]) -> dict[str, int]:
     """Token budget of one row without running the image processor: total, image and supervised tokens."""
     if not isinstance(collator, ChatCollator):  # a prefix-LM collator counts its own layout
         return collator.count_tokens(row)

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 from vlm_tune.data.chat import build_messages
+from vlm_tune.data.collate import IGNORE_INDEX, PromptCollator
 from vlm_tune.errors import UserError
-
-IGNORE_INDEX = -100
 
 
 def _texts(message: dict[str, Any]) -> str:
@@ -35,19 +34,9 @@ def _texts(message: dict[str, Any]) -> str:
     return "".join(part.get("text", "") for part in content if part.get("type") == "text" or "text" in part)
 
 
-class PrefixLMCollator:
+class PrefixLMCollator(PromptCollator):
     """Same interface as `vlm_tune.data.collate.ChatCollator`: training batches (right-padded, with labels
     and token_type_ids), generation batches (left-padded prefix only) and the pre-flight `count_tokens`."""
-
-    def __init__(self, processor: Any, system: str | None, user_template: str, max_length: int | None = None):
-        from vlm_tune.data.collate import end_of_turn_token, image_token_ids
-
-        self.processor = processor
-        self.system = system
-        self.user_template = user_template
-        self.max_length = max_length
-        self.eot = end_of_turn_token(processor)
-        self.image_ids = image_token_ids(processor)
 
     # -- text ---------------------------------------------------------------------------------------------
     def prefix_and_answer(self, row: dict[str, Any], with_answer: bool = True) -> tuple[str, str | None]:

@@ -30,7 +30,6 @@ transformers 5.x: `Gemma3ForConditionalGeneration`, `Gemma3Processor`, config mo
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -224,26 +223,16 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
 
     `published` overrides the processor/vision settings (image_size, patch_size, mm_tokens_per_image,
     image_mean, image_std) with a real checkpoint's, for the rehearsal of a shipped config; other dims stay tiny."""
-    import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from vlm_tune.tiny import _replaceable, build_tokenizer, save_built_model
+    from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
-    unknown = set(published) - set(STAND_IN)
-    if unknown:
-        raise ValueError(f"unknown Gemma 3 stand-in settings: {sorted(unknown)}")
-    s = {**STAND_IN, **{k: list(v) if isinstance(v, tuple) else v for k, v in published.items()}}
+    s = stand_in_settings("Gemma 3", STAND_IN, published)
     out_dir = Path(out_dir)
     want = {"family": "gemma3", "seed": seed, **s}
-    marker = out_dir / "tiny_spec.json"
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if reuse_or_prepare(out_dir, want):
         return out_dir
-    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
-        raise UserError(
-            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(
         s["vocab_size"],
         SPECIAL_TOKENS,
@@ -313,13 +302,17 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
         image_token_index=ids["<image_soft_token>"],
         tie_word_embeddings=True,  # as published
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Gemma3ForConditionalGeneration(config)
-    gen = model.generation_config
-    gen.eos_token_id = [ids["<eos>"], ids[END_OF_TURN]]  # published generation_config: [1, 106]
-    gen.pad_token_id, gen.bos_token_id = ids["<pad>"], ids["<bos>"]
-    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
+    return save_stand_in(
+        Gemma3ForConditionalGeneration,
+        config,
+        processor,
+        out_dir,
+        want,
+        seed,
+        eos=[ids["<eos>"], ids[END_OF_TURN]],  # published generation_config: [1, 106]
+        pad=ids["<pad>"],
+        bos=ids["<bos>"],
+    )
 
 
 FAMILY = Family(

@@ -30,7 +30,6 @@ GOT-OCR2 image processor and an InternVL video processor.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -234,26 +233,16 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
     `published` overrides processor/vision-input settings (tile_size, patch_size, downsample_ratio,
     min_patches, max_patches, crop_to_patches, image_mean, image_std) with a real checkpoint's, for the
     rehearsal of a shipped config; the dims stay tiny."""
-    import torch
     import transformers
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    from vlm_tune.tiny import _replaceable, build_tokenizer, save_built_model
+    from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
-    unknown = set(published) - set(STAND_IN)
-    if unknown:
-        raise ValueError(f"unknown InternVL stand-in settings: {sorted(unknown)}")
-    s = {**STAND_IN, **published}
+    s = stand_in_settings("InternVL", STAND_IN, published)
     out_dir = Path(out_dir)
     want = {"family": "internvl", "seed": seed, **s}
-    marker = out_dir / "tiny_spec.json"
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if reuse_or_prepare(out_dir, want):
         return out_dir
-    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
-        raise UserError(
-            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(
         s["vocab_size"],
         SPECIAL_TOKENS,
@@ -304,13 +293,17 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
         downsample_ratio=s["downsample_ratio"],
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = transformers.InternVLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids[END_OF_TURN]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = None
-    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
+    return save_stand_in(
+        transformers.InternVLForConditionalGeneration,
+        config,
+        processor,
+        out_dir,
+        want,
+        seed,
+        eos=ids[END_OF_TURN],
+        pad=ids["<|endoftext|>"],
+        bos=None,
+    )
 
 
 FAMILY = Family(

@@ -29,7 +29,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -185,26 +184,16 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
 
     `published` overrides processor settings (encoder_patch_size, tile_size, min/max_image_tokens,
     min/max_tiles, use_thumbnail, ...) with a real checkpoint's, for the rehearsal of a shipped config."""
-    import torch
     import transformers
 
     from vlm_tune.families.lfm2vl_image import Lfm2VlImageProcessorPil
-    from vlm_tune.tiny import _replaceable, build_tokenizer, save_built_model
+    from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
-    unknown = set(published) - set(STAND_IN) - PUBLISHED_KEYS
-    if unknown:
-        raise ValueError(f"unknown LFM2-VL stand-in settings: {sorted(unknown)}")
-    s = {**STAND_IN, **published}
+    s = stand_in_settings("LFM2-VL", STAND_IN, published, PUBLISHED_KEYS)
     out_dir = Path(out_dir)
     want = {"family": "lfm2_vl", "build": 3, "seed": seed, **s}  # build: bump when the builder changes
-    marker = out_dir / "tiny_spec.json"
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if reuse_or_prepare(out_dir, want):
         return out_dir
-    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
-        raise UserError(
-            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(  # like the published tokenizer: adds <|startoftext|> unless told not to
         s["vocab_size"],
         SPECIAL_TOKENS,
@@ -259,13 +248,17 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
         downsample_factor=s["downsample_factor"],
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = transformers.Lfm2VlForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids[END_OF_TURN]
-    model.generation_config.pad_token_id = ids["<|pad|>"]
-    model.generation_config.bos_token_id = ids["<|startoftext|>"]
-    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
+    return save_stand_in(
+        transformers.Lfm2VlForConditionalGeneration,
+        config,
+        processor,
+        out_dir,
+        want,
+        seed,
+        eos=ids[END_OF_TURN],
+        pad=ids["<|pad|>"],
+        bos=ids["<|startoftext|>"],
+    )
 
 
 FAMILY = Family(

@@ -168,26 +168,16 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
 
     `published` overrides image_size / patch_size (and image_mean / image_std) with a real checkpoint's, for
     the rehearsal of a shipped config (448 / 14 → 1,024 image tokens); the dims stay tiny."""
-    import torch
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from vlm_tune.tiny import _replaceable, save_built_model
+    from vlm_tune.tiny import reuse_or_prepare, save_stand_in, stand_in_settings
 
-    unknown = set(published) - set(STAND_IN) - {"image_mean", "image_std"}
-    if unknown:
-        raise ValueError(f"unknown PaliGemma stand-in settings: {sorted(unknown)}")
-    s = {**STAND_IN, **published}
+    s = stand_in_settings("PaliGemma", STAND_IN, published, ("image_mean", "image_std"))
     out_dir = Path(out_dir)
     want = {"family": "paligemma", "seed": seed, **s}
-    marker = out_dir / "tiny_spec.json"
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if reuse_or_prepare(out_dir, want):
         return out_dir
-    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
-        raise UserError(
-            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     image_seq_length = (s["image_size"] // s["patch_size"]) ** 2
     ip = SiglipImageProcessorPil(  # published preprocessor_config.json: SiglipImageProcessor, these settings
         size={"height": s["image_size"], "width": s["image_size"]},
@@ -234,13 +224,17 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
         hidden_size=s["text_hidden"],
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = PaliGemmaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<eos>"]
-    model.generation_config.pad_token_id = ids["<pad>"]
-    model.generation_config.bos_token_id = ids["<bos>"]
-    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
+    return save_stand_in(
+        PaliGemmaForConditionalGeneration,
+        config,
+        processor,
+        out_dir,
+        want,
+        seed,
+        eos=ids["<eos>"],
+        pad=ids["<pad>"],
+        bos=ids["<bos>"],
+    )
 
 
 FAMILY = Family(

@@ -27,7 +27,6 @@ learned position embeddings (`visual.pos_embed`), interleaved M-RoPE, no default
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -328,26 +327,16 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0, **published: Any) -> P
 
     `published` overrides processor settings (patch_size, merge_size, min_pixels, max_pixels, image_mean,
     image_std) with a real checkpoint's, for the rehearsal of a shipped config; the dims stay tiny."""
-    import torch
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vlm_tune.tiny import _replaceable, build_tokenizer, save_built_model
+    from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
-    unknown = set(published) - set(STAND_IN) - {"image_mean", "image_std"}
-    if unknown:
-        raise ValueError(f"unknown Qwen stand-in settings: {sorted(unknown)}")
-    s = {**STAND_IN, **published}
+    s = stand_in_settings("Qwen", STAND_IN, published, ("image_mean", "image_std"))
     out_dir = Path(out_dir)
     want = {"family": kind, "seed": seed, **s}
-    marker = out_dir / "tiny_spec.json"
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if reuse_or_prepare(out_dir, want):
         return out_dir
-    if out_dir.exists() and not (out_dir.is_dir() and _replaceable(out_dir)):
-        raise UserError(
-            f"{out_dir} exists and is not an earlier stand-in build; choose a new or empty directory"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(s["vocab_size"], SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     qwen3 = kind == "qwen3_vl"
@@ -418,13 +407,17 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0, **published: Any) -> P
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = None
-    return save_built_model(model, processor, out_dir, "tiny_spec.json", want)
+    return save_stand_in(
+        model_cls,
+        config,
+        processor,
+        out_dir,
+        want,
+        seed,
+        eos=ids["<|im_end|>"],
+        pad=ids["<|endoftext|>"],
+        bos=None,
+    )
 
 
 QWEN2_5_VL = Family(
