@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from vlm_tune.errors import UserError
-from vlm_tune.families import Family, family_of_processor_class
+from vlm_tune.families import Family, family_of_processor_class, saved_processor_class
 
 TAGS = ["vlm-tune", "lora", "chart-qa", "smolvlm", "image-text-to-text"]
 CARD_NAME = "README.md"
@@ -88,11 +88,9 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
 
 def _run_family(final: Path) -> Family:
     """The family of a finished run, from the processor class saved beside its adapter or model."""
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        path = final / name
-        cls = json.loads(path.read_text()).get("processor_class") if path.is_file() else None
-        if cls:
-            return family_of_processor_class(cls)
+    cls = saved_processor_class(str(final))
+    if cls:
+        return family_of_processor_class(cls)
     raise UserError(f"{final}: no processor_config.json naming the processor class; re-run training")
 
 

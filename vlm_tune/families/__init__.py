@@ -121,7 +121,7 @@ def family_of_processor_class(name: str) -> Family:
     raise UserError(f"processor {name} is not one vlm-tune supports; supported families: {supported()}")
 
 
-def _saved_processor_class(path: str, revision: str | None) -> str | None:
+def saved_processor_class(path: str, revision: str | None = None) -> str | None:
     """processor_class written next to a saved processor (local dir or hub cache), if any."""
     from transformers.utils import cached_file
 
@@ -141,7 +141,7 @@ def load_processor(path: str, revision: str | None = None) -> Any:
     """The model's processor: the family's own loader where AutoProcessor is not enough, else AutoProcessor."""
     from transformers import AutoProcessor
 
-    cls = _saved_processor_class(path, revision)
+    cls = saved_processor_class(path, revision)
     fam = next((f for f in _families() if cls in f.processor_classes), None)
     if fam is not None and fam.load_processor is not None:
         return fam.load_processor(path, revision)
