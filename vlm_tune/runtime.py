@@ -196,3 +196,23 @@ def cast_trainable_to_fp32(model: Any) -> int:
             p.data = p.data.float()
             n += 1
     return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# image processors
+
+
+def image_backend() -> str:
+    """The image-processor backend every path loads: ``torchvision`` where it imports, else ``pil``.
+
+    This is transformers' own default (what a hub user, the model card snippet and serving stacks get), so
+    vlm-tune trains and evaluates with the pixels its users serve with. GPU users have torchvision (it comes
+    with CUDA torch); CPU installs beside the CPU torch wheel do not. ``VLM_TUNE_IMAGE_BACKEND=pil`` forces
+    the PIL processors where torchvision is installed (to compare the two, or reproduce a CPU run).
+    """
+    forced = os.environ.get("VLM_TUNE_IMAGE_BACKEND", "").strip().lower()
+    if forced in ("pil", "torchvision"):
+        return forced
+    from transformers.utils import is_torchvision_available
+
+    return "torchvision" if is_torchvision_available() else "pil"
