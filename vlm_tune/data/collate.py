@@ -179,18 +179,15 @@ def make_collator(
 def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int]:
     """Tokens each (height, width) image expands to, without running the image processor.
 
-    Idefics3Processor has `_get_num_multimodal_tokens`; SmolVLMProcessor (transformers 5.24) has not, so
-    its expansion text is built from the image processor's tile grid and tokenized. A family whose
-    expansion follows other rules counts it itself (`Family.image_token_counts`).
+    A family whose expansion wraps the placeholder tokens in markers (SmolVLM's tiles, InternVL's `<img>`,
+    LFM2-VL's) counts it itself (`Family.image_token_counts`). Otherwise the processor's
+    `_get_num_multimodal_tokens`, which counts the placeholder tokens (transformers >= 5.25 for every
+    processor): right where the expansion is placeholders only (Qwen's `<|image_pad|>` run).
     """
     counter = family_of_processor(processor).image_token_counts
     if counter is not None:
         return counter(processor, sizes)
-    if hasattr(processor, "_get_num_multimodal_tokens"):
-        return [int(n) for n in processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]]
-    grids = [processor.image_processor.get_number_of_image_patches(h, w, {}) for h, w in sizes]
-    texts = [processor.replace_image_token({"rows": [[r]], "cols": [[c]]}, 0) for _, r, c in grids]
-    return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [int(n) for n in processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]]
 
 
 def count_tokens(processor: Any, collator: PromptCollator, row: dict[str, Any]) -> dict[str, int]:

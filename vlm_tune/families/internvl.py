@@ -5,8 +5,8 @@ GOT-OCR2 image processor and an InternVL video processor.
 - Chat: ChatML (`<|im_start|>assistant\\n ANSWER <|im_end|>`); `<|im_end|>` closes an answer and is supervised
   with it. No default system turn. An image is `<IMG_CONTEXT>\\n` in the template; the processor replaces
   that `<IMG_CONTEXT>` with `<img>` + image_seq_length * patches `<IMG_CONTEXT>` + `</img>` and reports where
-  (`text_replacement_offsets`, the common ProcessorMixin path), so the pre-flight count needs no family
-  hook (`_get_num_multimodal_tokens` is there). Image-related tokens, never supervised: `<img>`, `</img>`,
+  (`text_replacement_offsets`, the common ProcessorMixin path); the pre-flight count tokenizes that same
+  expansion text (`image_token_counts`). Image-related tokens, never supervised: `<img>`, `</img>`,
   `<IMG_CONTEXT>`, `<video>`.
 - Resolution: dynamic tiling. Every image is resized onto a grid of fixed tiles (448 px published) whose
   aspect ratio is closest to the image's, with min_patches <= tiles <= max_patches (1 and 12 published),
@@ -306,6 +306,16 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
     )
 
 
+def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int]:
+    """Tokens each (height, width) image expands to: the processor's own `<img>` + tiles + `</img>` text,
+    tokenized (the tile count from the processor's layout, no pixels processed). Not the
+    `num_image_tokens` of `_get_num_multimodal_tokens`: transformers 5.25 dropped `<img>`/`</img>` from it.
+    """
+    patches = [int(n) for n in processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_patches"]]
+    texts = [processor.replace_image_token({"num_patches": patches}, i) for i in range(len(sizes))]
+    return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 FAMILY = Family(
     name="internvl",
     model_types=("internvl",),
@@ -325,4 +335,5 @@ FAMILY = Family(
     build_stand_in=build_stand_in,
     load_processor=load_processor,
     card_image_lines=card_image_lines,
+    image_token_counts=image_token_counts,
 )

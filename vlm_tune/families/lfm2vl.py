@@ -58,36 +58,19 @@ KNOBS = ("min_image_tokens", "max_image_tokens", "tile_size", "do_image_splittin
 
 
 # -- processor ----------------------------------------------------------------------------------------------
-def _pil_processor_class() -> type:
-    """Lfm2VlProcessor loading its image processor with the PIL port (same class name, so saved files are
-    the standard ones)."""
-    from transformers import AutoTokenizer, Lfm2VlProcessor
+def load_processor(path: str, revision: str | None = None) -> Any:
+    """Lfm2VlProcessor with the image-processor backend `vlm_tune.runtime.image_backend()` decides:
+    transformers' torchvision class where torchvision is installed, else vlm-tune's PIL port (passed in as
+    the `image_processor`, so the processor class and its saved files are the standard ones)."""
+    from transformers import Lfm2VlProcessor
 
     from vlm_tune.families.lfm2vl_image import Lfm2VlImageProcessorPil
+    from vlm_tune.runtime import image_backend
 
-    @classmethod
-    def _get_arguments_from_pretrained(cls, path, processor_dict=None, **kwargs):  # noqa: N807
-        return [
-            Lfm2VlImageProcessorPil.from_pretrained(path, **kwargs),
-            AutoTokenizer.from_pretrained(path, **kwargs),
-        ]
-
-    return type(
-        "Lfm2VlProcessor",
-        (Lfm2VlProcessor,),
-        {"_get_arguments_from_pretrained": _get_arguments_from_pretrained, "__module__": __name__},
-    )
-
-
-def load_processor(path: str, revision: str | None = None) -> Any:
-    """Lfm2VlProcessor; with the PIL image processor port where torchvision is missing."""
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import Lfm2VlProcessor
-
+    if image_backend() == "torchvision":
         return Lfm2VlProcessor.from_pretrained(path, revision=revision)
-    return _pil_processor_class().from_pretrained(path, revision=revision)
+    image_processor = Lfm2VlImageProcessorPil.from_pretrained(path, revision=revision)
+    return Lfm2VlProcessor.from_pretrained(path, revision=revision, image_processor=image_processor)
 
 
 def apply_image_settings(processor: Any, img: Any) -> None:
@@ -216,7 +199,7 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
         image_std=s.get("image_std", [0.5] * 3),
         **{k: s[k] for k in settings},
     )
-    processor = _pil_processor_class()(image_processor=ip, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    processor = transformers.Lfm2VlProcessor(image_processor=ip, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     vision = {
         "hidden_size": s["vision_hidden"],
         "intermediate_size": s["vision_hidden"] * 2,

@@ -70,6 +70,20 @@ def card_image_lines(image: dict[str, Any]) -> list[str]:
     return lines
 
 
+def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int]:
+    """Tokens each (height, width) image expands to: the processor's own expansion text, tokenized.
+
+    The tile grid comes from the image processor (no pixels are processed) and the processor's
+    `replace_image_token` writes the text (tiles of `<image>` framed by `<fake_token_around_image>`,
+    `<row_i_col_j>`, the `<global-img>` view and newlines). Not `_get_num_multimodal_tokens`: since
+    transformers 5.25 it counts the `<image>` tokens only, without the markers around them.
+    """
+    grids = [processor.image_processor.get_number_of_image_patches(h, w, {}) for h, w in sizes]
+    layout = {"rows": [[r for _, r, _ in grids]], "cols": [[c for _, _, c in grids]]}
+    texts = [processor.replace_image_token(layout, i) for i in range(len(sizes))]
+    return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def _build_stand_in(out_dir: str | Path, seed: int = 0) -> Path:
     """builtin:tiny (real SmolVLM checkpoints are rehearsed by vlm_tune.rehearsal's own SmolVLM builder)."""
     from vlm_tune.tiny import ensure_tiny_model
@@ -99,4 +113,5 @@ FAMILY = Family(
     build_stand_in=_build_stand_in,
     load_processor=_load_processor,
     card_image_lines=card_image_lines,
+    image_token_counts=image_token_counts,
 )
