@@ -12,13 +12,40 @@ import torch
 from vlm_tune.config import build_config
 
 
+def torchvision_imports() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
+def skip_without_torchvision(reason: str) -> None:
+    """Skip here for want of torchvision, or fail where it is required (the torchvision CI lane)."""
+    if torchvision_imports():
+        return
+    if os.environ.get("VLM_TUNE_REQUIRE_TORCHVISION") == "1":
+        pytest.fail(f"VLM_TUNE_REQUIRE_TORCHVISION=1 but torchvision does not import ({reason})")
+    pytest.skip(reason)
+
+
 def pytest_collection_modifyitems(config, items):
+    if not torchvision_imports() and os.environ.get("VLM_TUNE_REQUIRE_TORCHVISION") != "1":
+        skip_tv = pytest.mark.skip(reason="needs torchvision (the GPU user's stack: the torchvision CI lane)")
+        for item in items:
+            if "torchvision" in item.keywords:
+                item.add_marker(skip_tv)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _torchvision_required(request):
+    """A `torchvision` test in a lane that requires torchvision fails when it does not import."""
+    if "torchvision" in request.keywords:
+        skip_without_torchvision("needs torchvision")
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,33 @@ def processor(stand_in):
     return lfm2vl.load_processor(str(stand_in))
 
 
+@pytest.fixture(scope="module")
+def port(stand_in):
+    """The PIL port with the stand-in's saved settings (what CPU installs load)."""
+    return Lfm2VlImageProcessorPil.from_pretrained(str(stand_in))
+
+
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_loader_follows_the_image_backend_decision(stand_in, monkeypatch, backend):
+    """The port where vlm-tune decides PIL (no torchvision, or VLM_TUNE_IMAGE_BACKEND=pil), transformers'
+    torchvision class otherwise; the processor class is the real one either way."""
+    from transformers import Lfm2VlProcessor
+    from transformers.utils import is_torchvision_available
+
+    if backend == "torchvision" and not is_torchvision_available():
+        backend = "pil"  # without torchvision the decision can only be PIL: the forced value is refused
+        monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", "torchvision")
+        with pytest.raises(UserError, match="torchvision"):
+            lfm2vl.load_processor(str(stand_in))
+        monkeypatch.delenv("VLM_TUNE_IMAGE_BACKEND")
+    else:
+        monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", backend)
+    loaded = lfm2vl.load_processor(str(stand_in))
+    assert type(loaded) is Lfm2VlProcessor
+    assert isinstance(loaded.image_processor, Lfm2VlImageProcessorPil) == (backend == "pil")
+    assert type(loaded.image_processor).__name__.startswith("Lfm2VlImageProcessor")
+
+
 def image(w, h, color=(200, 30, 30)):
     return Image.new("RGB", (w, h), color)
 
@@ -96,9 +123,8 @@ def test_token_counts_by_hand(processor):
 
 
 # -- the port's tensors -------------------------------------------------------------------------------------
-def test_port_outputs_tiles_patches_masks_and_shapes(processor):
-    ip = processor.image_processor
-    assert isinstance(ip, Lfm2VlImageProcessorPil)
+def test_port_outputs_tiles_patches_masks_and_shapes(port):
+    ip = port
     half = np.zeros((120, 200, 3), dtype=np.uint8)
     half[:, :100] = (255, 0, 0)  # left half red, right half blue: the two tiles must come left to right
     half[:, 100:] = (0, 0, 255)
@@ -254,29 +280,23 @@ def test_card_lines_give_a_loaded_processor_the_same_counts(stand_in, overrides)
     exec("\n".join(lines), {"processor": processor})
     for key in ("max_image_tokens", "min_image_tokens", "tile_size", "do_image_splitting"):
         assert getattr(processor.image_processor, key) == getattr(tuned.image_processor, key), key
-    sizes = [(120, 200), (300, 20), (64, 64)]
+    sizes = [(120, 200), (300, 40), (64, 64)]
     assert lfm2vl.image_token_counts(processor, sizes) == lfm2vl.image_token_counts(tuned, sizes)
     a = processor(text=["<image>"], images=[[image(200, 120)]])["input_ids"]
     assert a == tuned(text=["<image>"], images=[[image(200, 120)]])["input_ids"]
 
 
-# -- against the real class (where torchvision imports: GPU machines) ---------------------------------------
-def _torchvision_imports() -> bool:
-    try:
-        from transformers.models.lfm2_vl.image_processing_lfm2_vl import Lfm2VlImageProcessor  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _torchvision_imports(), reason="the real Lfm2VlImageProcessor needs torchvision")
+# -- against the real class (where torchvision imports: the GPU user's stack, a CI lane) ---------------------
+@pytest.mark.torchvision
 @pytest.mark.parametrize("settings", ["published", "stand-in"])
 def test_port_equals_the_torchvision_class(settings):
     from transformers.models.lfm2_vl.image_processing_lfm2_vl import Lfm2VlImageProcessor
 
     s = PUBLISHED if settings == "published" else {k: lfm2vl.STAND_IN[k] for k in SETTINGS}
     rng = np.random.default_rng(0)
-    sizes = [(64, 64), (512, 512), (2000, 100), (1000, 800), (3000, 200), (300, 2000), (37, 91), (200, 120)]
+    sizes = [(64, 64), (512, 512), (1000, 800), (3000, 200), (300, 2000), (37, 91), (200, 120), (1600, 100)]
+    if settings == "published":  # 20:1 is too elongated for the stand-in's 16 tokens (see the test below)
+        sizes.append((2000, 100))
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     kwargs = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, **s}
     real = Lfm2VlImageProcessor(**kwargs)(images, return_row_col_info=True, return_tensors="pt")
@@ -289,3 +309,37 @@ def test_port_equals_the_torchvision_class(settings):
     # resize rounding may differ by a grey level (2/255 after normalising with std 0.5)
     diff = (port["pixel_values"] - real["pixel_values"].float()).abs()
     assert diff.max() <= 2 * 2 / 255 + 1e-5 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_too_elongated_image_is_refused_before_step_0_naming_the_row(stand_in, port, tmp_path, capsys):
+    """smart_resize keeps each side >= 16 px, so a 2000x100 chart under the stand-in's 16-token cap becomes
+    272x16 px = 68 patches > the 64 every tile is padded to: the real class fails inside torch.stack (below,
+    where torchvision imports); vlm-tune refuses it in the pre-flight count, naming the row and the fix."""
+    import json
+
+    from vlm_tune.cli import main
+
+    with pytest.raises(UserError, match="2000x100 px is too elongated.*max_image_tokens"):
+        port([image(2000, 100)], return_tensors="pt")
+    image(64, 64).save(tmp_path / "ok.png")
+    image(2000, 100).save(tmp_path / "wide.png")
+    rows = [{"id": "ok", "image": "ok.png", "question": "Q?", "answer": "1", "split": "train"}]
+    rows += [{"id": "wide-7", "image": "wide.png", "question": "Q?", "answer": "1", "split": "train"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.yaml").write_text(
+        f"run:\n  output_dir: {tmp_path / 'run'}\nmodel:\n  name_or_path: {stand_in}\n"
+        f"data:\n  source: {tmp_path / 'd.jsonl'}\n"
+        "  columns: {image: image, question: question, answer: answer, id: id}\n"
+    )
+    assert main(["check", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "row wide-7: an image of 2000x100 px is too elongated" in err and "Traceback" not in err
+
+
+@pytest.mark.torchvision
+def test_the_real_class_fails_on_the_image_the_preflight_refuses():
+    from transformers.models.lfm2_vl.image_processing_lfm2_vl import Lfm2VlImageProcessor
+
+    s = {k: lfm2vl.STAND_IN[k] for k in SETTINGS}
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        Lfm2VlImageProcessor(**s)([image(2000, 100), image(64, 64)], return_tensors="pt")

@@ -148,8 +148,8 @@ def test_qlora_trains_on_the_4bit_base_and_evaluates(name, stand_ins, tmp_path):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_pushed_card_snippet_sets_the_family_knobs_and_answers_like_vlm_tune(name, stand_ins, tmp_path):
     from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
 
+    from tests.conftest import skip_without_torchvision
     from tests.test_hub import python_block
     from vlm_tune.hub import push
     from vlm_tune.inference import load_for_inference, predict
@@ -175,8 +175,10 @@ def test_pushed_card_snippet_sets_the_family_knobs_and_answers_like_vlm_tune(nam
         assert video["video_processor_type"] == VIDEO_PROCESSOR[saved]
         for key in ("patch_size", "merge_size"):  # Qwen's patching (InternVL's tiles: image processor only)
             assert video.get(key) == image.get(key), key
-    if (saved in VIDEO_PROCESSOR or saved in TORCHVISION_IMAGE_PROCESSOR) and not is_torchvision_available():
-        pytest.skip(f"AutoProcessor cannot build {saved} without torchvision; the snippet runs where it is")
+    if saved in VIDEO_PROCESSOR or saved in TORCHVISION_IMAGE_PROCESSOR:
+        skip_without_torchvision(
+            f"AutoProcessor cannot build {saved} without torchvision; the snippet runs where it is"
+        )
     assert type(AutoProcessor.from_pretrained(dest)).__name__ == saved
     question = "How many bars are there?"
     chart().save(tmp_path / "chart.png")

@@ -173,3 +173,40 @@ def test_a_t4_run_merges_on_cpu(lora_run, tmp_path):
     merged = merge(adapter, tmp_path / "merged")
     assert (merged / "config.json").is_file()
     assert json.loads((merged / "config.json").read_text())["dtype"] == "float32"  # auto on CPU, not float16
+
+
+# -- the image-processor backend ----------------------------------------------------------------------------
+def test_image_backend_is_torchvision_where_it_imports_else_pil(monkeypatch):
+    from transformers.utils import is_torchvision_available
+
+    from vlm_tune.errors import UserError
+    from vlm_tune.runtime import image_backend
+
+    monkeypatch.delenv("VLM_TUNE_IMAGE_BACKEND", raising=False)
+    assert image_backend() == ("torchvision" if is_torchvision_available() else "pil")
+    monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", "PIL")
+    assert image_backend() == "pil"
+    monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", "fast")
+    with pytest.raises(UserError, match="VLM_TUNE_IMAGE_BACKEND='fast'"):
+        image_backend()
+    monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", "torchvision")
+    if is_torchvision_available():
+        assert image_backend() == "torchvision"
+    else:
+        with pytest.raises(UserError, match="does not import here"):
+            image_backend()
+
+
+def test_every_family_loads_its_image_processor_in_the_decided_backend(monkeypatch, tmp_path):
+    """PIL decided → every family's loaded image processor is a PIL class (the LFM2-VL port included)."""
+    from transformers.image_processing_backends import PilBackend
+
+    from vlm_tune.families import all_families, load_processor
+    from vlm_tune.tiny import ensure_tiny_model
+
+    monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", "pil")
+    for fam in all_families():
+        path = ensure_tiny_model(tmp_path / fam.name) if fam.name == "smolvlm" else None
+        path = path or fam.build_stand_in(tmp_path / fam.name)
+        ip = load_processor(str(path)).image_processor
+        assert isinstance(ip, PilBackend), (fam.name, type(ip).__name__)

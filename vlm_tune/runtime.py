@@ -207,12 +207,22 @@ def image_backend() -> str:
 
     This is transformers' own default (what a hub user, the model card snippet and serving stacks get), so
     vlm-tune trains and evaluates with the pixels its users serve with. GPU users have torchvision (it comes
-    with CUDA torch); CPU installs beside the CPU torch wheel do not. ``VLM_TUNE_IMAGE_BACKEND=pil`` forces
-    the PIL processors where torchvision is installed (to compare the two, or reproduce a CPU run).
+    with CUDA torch); CPU installs beside the CPU torch wheel do not. Token counts are the same under both
+    (tested per family); pixel values differ by resize rounding. ``VLM_TUNE_IMAGE_BACKEND=pil`` forces the
+    PIL processors where torchvision is installed (to compare the two, or reproduce a CPU run's pixels).
     """
-    forced = os.environ.get("VLM_TUNE_IMAGE_BACKEND", "").strip().lower()
-    if forced in ("pil", "torchvision"):
-        return forced
     from transformers.utils import is_torchvision_available
 
+    from vlm_tune.errors import UserError
+
+    forced = os.environ.get("VLM_TUNE_IMAGE_BACKEND", "").strip().lower()
+    if forced not in ("", "pil", "torchvision"):
+        raise UserError(f"VLM_TUNE_IMAGE_BACKEND={forced!r}: use pil or torchvision (or unset it: automatic)")
+    if forced == "torchvision" and not is_torchvision_available():
+        raise UserError(
+            "VLM_TUNE_IMAGE_BACKEND=torchvision, but torchvision does not import here. Install the torchvision "
+            "that matches your torch (`pip install torchvision`), or unset VLM_TUNE_IMAGE_BACKEND"
+        )
+    if forced:
+        return forced
     return "torchvision" if is_torchvision_available() else "pil"

@@ -28,33 +28,34 @@ def allow_video_processor_without_torchvision() -> None:
         module.VideoProcessorMixin = VideoProcessorMixin
 
 
-def load_smolvlm_processor(path: str, revision: str | None = None) -> Any:
-    """SmolVLMProcessor assembled part by part, for when `AutoProcessor` refuses it without torchvision.
+def load_smolvlm_processor(path: str, revision: str | None, image_processor: Any) -> Any:
+    """SmolVLMProcessor with its parts passed in, for when `AutoProcessor` refuses it without torchvision.
 
     AutoVideoProcessor returns a torchvision-only placeholder class there; the real SmolVLMVideoProcessor
     class loads its config fine (and is never run: frames go through the image processor).
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, SmolVLMProcessor
+    from transformers import SmolVLMProcessor
     from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
     allow_video_processor_without_torchvision()
-    args = [
-        AutoImageProcessor.from_pretrained(path, revision=revision),
-        AutoTokenizer.from_pretrained(path, revision=revision),
-        SmolVLMVideoProcessor.from_pretrained(path, revision=revision),
-    ]
-    processor_dict, kwargs = SmolVLMProcessor.get_processor_dict(path, revision=revision)
-    return SmolVLMProcessor.from_args_and_dict(args, processor_dict, **kwargs)
+    video_processor = SmolVLMVideoProcessor.from_pretrained(path, revision=revision)
+    return SmolVLMProcessor.from_pretrained(
+        path, revision=revision, image_processor=image_processor, video_processor=video_processor
+    )
 
 
 def auto_processor(path: str, revision: str | None = None) -> Any:
-    """`AutoProcessor.from_pretrained`, with SmolVLM2 loadable on installs without torchvision."""
+    """`AutoProcessor.from_pretrained` with the image processor in vlm-tune's backend, and SmolVLM2
+    loadable on installs without torchvision."""
     from transformers import AutoProcessor
 
+    from vlm_tune.families import load_image_processor
+
     allow_video_processor_without_torchvision()
+    image_processor = load_image_processor(path, revision)
     try:
-        return AutoProcessor.from_pretrained(path, revision=revision)
+        return AutoProcessor.from_pretrained(path, revision=revision, image_processor=image_processor)
     except ImportError as err:
         if "SmolVLMVideoProcessor" not in str(err):
             raise
-        return load_smolvlm_processor(path, revision)
+        return load_smolvlm_processor(path, revision, image_processor)

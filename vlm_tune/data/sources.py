@@ -362,7 +362,12 @@ def prepare_split(
             prepared.skipped_examples.setdefault(err.reason, str(err).split(" (reason")[0])
             continue
         if processor is not None and collator is not None:
-            counts = count_tokens(processor, collator, row)
+            try:
+                counts = count_tokens(processor, collator, row)
+            except UserError as err:  # an image the processor cannot take: name the row
+                located = UserError(f"row {row['id']}: {err}")
+                located.row_index = i
+                raise located from None
             if max_length is not None and counts["total"] > max_length:
                 if on_overlong == "error":
                     err = UserError(

@@ -137,15 +137,31 @@ def saved_processor_class(path: str, revision: str | None = None) -> str | None:
     return None
 
 
+def load_image_processor(path: str, revision: str | None = None) -> Any:
+    """The checkpoint's image processor, in the backend `vlm_tune.runtime.image_backend()` decides."""
+    from transformers import AutoImageProcessor
+
+    from vlm_tune.runtime import image_backend
+
+    return AutoImageProcessor.from_pretrained(path, revision=revision, backend=image_backend())
+
+
 def load_processor(path: str, revision: str | None = None) -> Any:
-    """The model's processor: the family's own loader where AutoProcessor is not enough, else AutoProcessor."""
+    """The model's processor: the family's own loader where AutoProcessor is not enough, else AutoProcessor
+    with the image processor in the backend vlm-tune decided (`load_image_processor`)."""
     from transformers import AutoProcessor
 
     cls = saved_processor_class(path, revision)
     fam = next((f for f in _families() if cls in f.processor_classes), None)
     if fam is not None and fam.load_processor is not None:
         return fam.load_processor(path, revision)
-    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    try:
+        image_processor = load_image_processor(path, revision)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{path}: no image processor found ({str(err).splitlines()[0]}); supported families: {supported()}"
+        ) from None
+    processor = AutoProcessor.from_pretrained(path, revision=revision, image_processor=image_processor)
     if not hasattr(processor, "image_processor"):
         raise UserError(
             f"{path}: no image processor found (AutoProcessor gave {type(processor).__name__}); "

@@ -24,8 +24,9 @@ GOT-OCR2 image processor and an InternVL video processor.
   (after a LayerNorm); vision tower `model.vision_tower` (InternViT: `encoder.layer.N.attention.{q,k,v}_proj`,
   `attention.projection_layer`, `mlp.fc1/fc2`; its q/k/v names equal the decoder's, so presets are anchored).
 - Without torchvision (CPU machines here) the video processor cannot be built, so AutoProcessor fails:
-  vlm-tune then loads an image-only subclass with the same class name (saved files stay standard, with a
-  video_preprocessor_config.json so that AutoProcessor loads them where torchvision is installed).
+  vlm-tune loads an image-only subclass with the same class name on every install (saved files stay
+  standard, with a video_preprocessor_config.json so that AutoProcessor loads them where torchvision is
+  installed); the image processor is torchvision's where it imports, else PIL.
 """
 
 from __future__ import annotations
@@ -135,12 +136,7 @@ def _image_only() -> type:
 
 
 def load_processor(path: str, revision: str | None = None) -> Any:
-    """AutoProcessor where torchvision is installed; the image-only InternVLProcessor where it is not."""
-    from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return AutoProcessor.from_pretrained(path, revision=revision)
+    """The image-only InternVLProcessor on every install (its image processor in vlm-tune's backend)."""
     return load_image_only(_image_only(), path, revision)
 
 

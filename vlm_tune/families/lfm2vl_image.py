@@ -38,6 +38,8 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs
 
+from vlm_tune.errors import UserError
+
 SETTINGS = (  # the image processor's tiling/resolution settings (names as in transformers)
     "downsample_factor",
     "do_image_splitting",
@@ -150,6 +152,33 @@ def layout(height: int, width: int, s: dict[str, Any]) -> tuple[int, int, list[i
     return 1, 1, [new_h, new_w], False
 
 
+def max_num_patches(s: dict[str, Any]) -> int:
+    """Patches every tile is padded to (transformers' formula): the largest single image or a whole tile."""
+    tile_patches = (s["tile_size"] // s["encoder_patch_size"]) ** 2 if s["do_image_splitting"] else 0
+    return max(s["max_image_tokens"] * s["downsample_factor"] ** 2, tile_patches)
+
+
+def check_fits(height: int, width: int, s: dict[str, Any]) -> None:
+    """Refuse an image whose single tile or thumbnail would hold more patches than every tile is padded to.
+
+    smart_resize keeps each side at least encoder_patch_size * downsample_factor, so a very elongated image
+    (e.g. 20:1 at 16 tokens, over 256:1 at the published 256) overshoots max_image_tokens; transformers'
+    Lfm2VlImageProcessor then fails inside torch.stack. Raised before step 0 by the pre-flight count.
+    """
+    rows, cols, (new_h, new_w), tiled = layout(height, width, s)
+    if tiled and (rows * cols == 1 or not s["use_thumbnail"]):
+        return
+    p = s["encoder_patch_size"]
+    n, limit = (new_h // p) * (new_w // p), max_num_patches(s)
+    if n > limit:
+        raise UserError(
+            f"an image of {width}x{height} px is too elongated for LFM2-VL's image processor: resized to "
+            f"{new_w}x{new_h} px it has {n} patches, more than the {limit} every tile is padded to "
+            "(transformers' Lfm2VlImageProcessor fails on it too). Crop or pad it to a less extreme aspect "
+            "ratio, or raise model.image.max_image_tokens."
+        )
+
+
 def expansion(processor: Any, height: int, width: int) -> str:
     """The text one `<image>` placeholder becomes in `processor` (Lfm2VlProcessor's own token builder)."""
     ip = processor.image_processor
@@ -165,7 +194,11 @@ def expansion(processor: Any, height: int, width: int) -> str:
 
 
 def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int]:
-    """Tokens each (height, width) image expands to, from the layout alone (no pixels are processed)."""
+    """Tokens each (height, width) image expands to, from the layout alone (no pixels are processed); an
+    image the image processor cannot pad is a UserError (`check_fits`)."""
+    ip = processor.image_processor
+    for h, w in sizes:
+        check_fits(h, w, {k: getattr(ip, k) for k in SETTINGS})
     texts = [expansion(processor, h, w) for h, w in sizes]
     return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
@@ -222,8 +255,7 @@ class Lfm2VlImageProcessorPil(PilBackend):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        tile_patches = (self.tile_size // self.encoder_patch_size) ** 2 if self.do_image_splitting else 0
-        self.max_num_patches = max(self.max_image_tokens * self.downsample_factor**2, tile_patches)
+        self.max_num_patches = max_num_patches({k: getattr(self, k) for k in SETTINGS})
 
     def _tiles(
         self, image: np.ndarray, s: dict[str, Any], resample: Any
@@ -263,10 +295,10 @@ class Lfm2VlImageProcessorPil(PilBackend):
         if s["do_image_splitting"] and s["min_tiles"] > s["max_tiles"]:
             raise ValueError("min_tiles must be less than or equal to max_tiles")
         p = s["encoder_patch_size"]
-        tile_patches = (s["tile_size"] // p) ** 2 if s["do_image_splitting"] else 0
-        max_num_patches = max(s["max_image_tokens"] * s["downsample_factor"] ** 2, tile_patches)
+        padded_to = max_num_patches(s)
         pixel_values, masks, shapes, rows, cols, sizes = [], [], [], [], [], []
         for image in images:
+            check_fits(image.shape[1], image.shape[2], s)
             tiles, r, c, size = self._tiles(image, s, resample)
             rows.append(r)
             cols.append(c)
@@ -280,8 +312,8 @@ class Lfm2VlImageProcessorPil(PilBackend):
                 patches = to_patches(tile.astype(np.float32), p)
                 shapes.append([tile.shape[1] // p, tile.shape[2] // p])
                 if do_pad:
-                    mask = np.ones((max_num_patches,), dtype=np.int32)
-                    missing = max_num_patches - patches.shape[0]
+                    mask = np.ones((padded_to,), dtype=np.int32)
+                    missing = padded_to - patches.shape[0]
                     if missing > 0:
                         patches = np.pad(patches, ((0, missing), (0, 0)))
                         mask[-missing:] = 0

@@ -101,24 +101,13 @@ def _vision_save_modules(model: Any) -> list[str]:
 
 
 # -- processors -------------------------------------------------------------------------------------------
-def _image_processor_class() -> type:
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import SiglipImageProcessor
-
-        return SiglipImageProcessor
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    return SiglipImageProcessorPil
-
-
 def _load_processor(path: str, revision: str | None = None) -> Any:
-    """PaliGemmaProcessor with SigLIP's image processor (its PIL class without torchvision: no warning)."""
+    """PaliGemmaProcessor with SigLIP's image processor in vlm-tune's backend (no fallback warning)."""
     from transformers import AutoTokenizer, PaliGemmaProcessor
 
-    ip_cls = _image_processor_class()
-    image_processor = ip_cls.from_pretrained(path, revision=revision)
+    from vlm_tune.families import load_image_processor
+
+    image_processor = load_image_processor(path, revision)
     if not hasattr(image_processor, "image_seq_length"):  # saved by every PaliGemma checkpoint
         raise UserError(
             f"{path}: preprocessor_config.json has no image_seq_length; not a PaliGemma processor"

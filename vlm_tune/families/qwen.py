@@ -16,7 +16,9 @@ Shared by both (transformers 5.x):
   budget of an L x L image); tiling knobs do not exist for Qwen.
 - Without torchvision (CPU machines here) transformers cannot build a Qwen processor (its video processor
   needs torchvision, and AutoProcessor silently returns the bare tokenizer). Images need no video processor,
-  so vlm-tune then loads an image-only subclass with the same class name (saved files stay standard).
+  so vlm-tune loads an image-only subclass with the same class name on every install (saved files stay
+  standard, with a video_preprocessor_config.json; `vlm_tune.families.image_only`); the image processor is
+  torchvision's where it imports, else PIL (`vlm_tune.runtime.image_backend()`).
 
 Differences: Qwen2.5-VL: patch 14, SwiGLU vision MLP (`mlp.(gate|up|down)_proj`), projector
 `visual.merger.mlp.(0|2)`, window attention, template adds a default system turn ("You are a helpful
@@ -231,20 +233,11 @@ def _image_only(base: type) -> type:
     return image_only_class(base, __init__, _video_config)
 
 
-def _processor_class(name: str, image_only: bool) -> type:
-    import transformers
-
-    base = getattr(transformers, name)
-    return _image_only(base) if image_only else base
-
-
 def _loader(class_name: str):
     def load(path: str, revision: str | None) -> Any:
-        from transformers.utils import is_torchvision_available
+        import transformers
 
-        if is_torchvision_available():
-            return _processor_class(class_name, image_only=False).from_pretrained(path, revision=revision)
-        return load_image_only(_processor_class(class_name, image_only=True), path, revision)
+        return load_image_only(_image_only(getattr(transformers, class_name)), path, revision)
 
     return load
 
@@ -352,7 +345,7 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0, **published: Any) -> P
     )
     proc_name = "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor"
     template = QWEN3_VL_CHAT_TEMPLATE if qwen3 else QWEN2_5_VL_CHAT_TEMPLATE
-    processor = _processor_class(proc_name, image_only=True)(
+    processor = _image_only(getattr(transformers, proc_name))(
         image_processor=ip, tokenizer=tok, chat_template=template
     )
     head_dim = s["text_hidden"] // s["text_heads"]
