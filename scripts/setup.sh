@@ -50,7 +50,8 @@ torch_ok() {
   local t; t="$(have torch)"
   [ "${t%%+*}" = "$TORCH_VERSION" ] || return 1
   if [ "$WANT_TV" = 1 ]; then
-    [ "$(have torchvision)" = "$TORCHVISION_VERSION" ] || return 1
+    local tv; tv="$(have torchvision)"
+    [ "${tv%%+*}" = "$TORCHVISION_VERSION" ] || return 1
     case "$t" in *+cpu*) return 1 ;; esac
   fi
 }

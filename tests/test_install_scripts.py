@@ -1,6 +1,7 @@
 """scripts/setup.sh installs the lock (torch first, then exactly the lock, then vlm-tune); scripts/test_latest.sh
 writes a lock only after the suite passed. Run against a stand-in venv whose python logs pip instead of
-installing (everything else goes to this interpreter), so nothing is downloaded or changed."""
+installing and reports the installed torch it is told (everything else goes to this interpreter), so nothing
+is downloaded or changed."""
 
 import os
 import shutil
@@ -20,14 +21,19 @@ if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
   exit 0
 fi
 if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then echo "stub suite: $*"; exit "${{STUB_SUITE_RC:-0}}"; fi
-case "$2" in *"import torchvision"*) echo "[setup] torchvision (stub)"; exit 0 ;; esac
+case "$2" in
+  *"import torchvision"*) echo "[setup] torchvision (stub)"; exit 0 ;;
+  *"import torch, transformers"*) echo "[setup] torch (stub)"; exit 0 ;;
+  *"m.version(sys.argv[1])"*) [ "$3" = torch ] && echo "${{STUB_TORCH-}}"; [ "$3" = torchvision ] && echo "${{STUB_TORCHVISION-}}"; exit 0 ;;
+esac
 exec "{python}" "$@"
 """
 
 
 @pytest.fixture
 def venv(tmp_path):
-    """A venv folder whose bin/python logs `-m pip` calls to pip.log and passes the rest to this python."""
+    """A venv folder whose bin/python logs `-m pip` calls to pip.log, says torch and torchvision are installed
+    at STUB_TORCH / STUB_TORCHVISION, and passes the rest to this python."""
     log = tmp_path / "pip.log"
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
@@ -57,13 +63,10 @@ def torch_installed():
     return metadata.version("torch")
 
 
-@pytest.mark.slow
 def test_setup_installs_exactly_the_lock_after_torch(venv):
     path, log = venv
     lock = read_lock()
-    if torch_installed().split("+")[0] != lock.pins["torch"]:
-        pytest.skip("this environment's torch is not the locked one")
-    result = run("setup.sh", str(path))
+    result = run("setup.sh", str(path), env={"STUB_TORCH": lock.pins["torch"] + "+cpu"})
     assert result.returncode == 0, result.stderr
     calls = pip_calls(log)
     # torch is there at the locked version: kept; then the lock with --no-deps, then vlm-tune with --no-deps
@@ -73,17 +76,16 @@ def test_setup_installs_exactly_the_lock_after_torch(venv):
     ]
 
 
-@pytest.mark.slow
 def test_setup_gpu_and_opt_in_install_cuda_torch_with_the_locked_torchvision(venv, tmp_path):
     path, log = venv
     lock = read_lock()
-    if torch_installed().split("+")[0] != lock.pins["torch"]:
-        pytest.skip("this environment's torch is not the locked one")
+    cpu_torch = {"STUB_TORCH": lock.pins["torch"] + "+cpu"}
     stack = f"torch=={lock.pins['torch']} torchvision=={lock.gpu['torchvision']}"
 
     # opt-in on a machine without a GPU: from the package index, pip's wheel folders and config left out
-    result = run("setup.sh", str(path), env={"VLM_TUNE_TORCHVISION": "1"})
+    result = run("setup.sh", str(path), env=cpu_torch | {"VLM_TUNE_TORCHVISION": "1"})
     assert result.returncode == 0, result.stderr
+    assert "pip uninstall -y torch torchvision" in log.read_text(), "the CPU build makes way"
     first, *rest = pip_calls(log)
     assert first == f"pip install {stack} | config=/dev/null find_links="
     assert [c.split(" | ")[0] for c in rest] == [
@@ -98,10 +100,25 @@ def test_setup_gpu_and_opt_in_install_cuda_torch_with_the_locked_torchvision(ven
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Stub'\n")
     (fake / "nvidia-smi").chmod(0o755)
-    result = run("setup.sh", str(path), path_prepend=fake)
+    result = run("setup.sh", str(path), env=cpu_torch, path_prepend=fake)
     assert result.returncode == 0, result.stderr
     assert pip_calls(log)[0] == f"pip install {stack} | config= find_links=/wheels/here"
     assert "GPU found" in result.stdout
+
+    # the CUDA build and torchvision already there at the locked versions: kept
+    log.unlink()
+    cuda = {"STUB_TORCH": lock.pins["torch"], "STUB_TORCHVISION": lock.gpu["torchvision"] + "+cu130"}
+    result = run("setup.sh", str(path), env=cuda, path_prepend=fake)
+    assert result.returncode == 0, result.stderr
+    assert pip_calls(log)[0].startswith("pip install --no-deps -r vlm_tune/requirements.lock")
+
+
+def test_setup_replaces_a_torch_of_another_version(venv):
+    path, log = venv
+    lock = read_lock()
+    result = run("setup.sh", str(path), env={"STUB_TORCH": "2.0.0+cpu"})
+    assert result.returncode == 0, result.stderr
+    assert pip_calls(log)[0].startswith(f"pip install --retries 0 --timeout 15 torch=={lock.pins['torch']} ")
 
 
 def test_setup_refuses_a_torch_other_than_the_locked_one(venv):

@@ -54,7 +54,11 @@ def _applies(req: Requirement, extras: set[str]) -> bool:
 def test_lock_covers_the_installed_dependency_closure():
     """From vlm-tune[dev], every requirement of every installed package is in the lock at a version that
     satisfies it. A package installed at another version than the lock's (the newest release, under
-    `make test-latest`) is walked through but its own requirements are not held against the lock."""
+    `make test-latest`), or torch's CUDA build (whose nvidia-* wheels the CPU lock leaves out), is walked
+    through but its own requirements are not held against the lock."""
+    import torch
+
+    gpu_build = torch.version.cuda is not None or torch.version.hip is not None  # needs nvidia-*, triton
     lock = read_lock()
     installed = versions.installed_versions()
     todo: list[tuple[str, frozenset[str]]] = [("vlm-tune", frozenset({"dev"}))]
@@ -64,6 +68,7 @@ def test_lock_covers_the_installed_dependency_closure():
         name, extras = todo.pop()
         holder = canonical(name)
         held = holder == "vlm-tune" or versions.public(installed.get(holder, "")) == lock.pins.get(holder)
+        held = held and not (holder == "torch" and gpu_build)  # the lock is the CPU install's
         for raw in metadata.requires(name) or []:
             req = Requirement(raw)
             if not _applies(req, set(extras)):
@@ -174,7 +179,7 @@ def test_env_prints_versions_backend_and_what_differs_from_the_lock(monkeypatch,
 
     monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", "pil")
     lock = read_lock()
-    drifted(monkeypatch, accelerate="0.1.0", ruff=None)
+    drifted(monkeypatch, accelerate="0.1.0", ruff=None, torchvision="0.27.0")
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"vlm-tune {__version__}\n")
@@ -186,15 +191,15 @@ def test_env_prints_versions_backend_and_what_differs_from_the_lock(monkeypatch,
     assert "image processors: pil (VLM_TUNE_IMAGE_BACKEND=pil)" in out
     assert f"accelerate 0.1.0 (locked {lock.pins['accelerate']})" in out
     assert "locked but not installed: ruff" in out
+    assert "torchvision 0.27.0 (locked 0.28.0)" in out, "the GPU stack's pin, where torchvision is installed"
     assert f"pip install -r {lock.path}" in out
 
     assert main(["env", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["versions"]["transformers"] == transformers.__version__
     assert report["image_backend"] == "pil"
-    assert report["lock"]["differ"] == {
-        "accelerate": {"installed": "0.1.0", "locked": lock.pins["accelerate"]}
-    }
+    assert report["lock"]["differ"]["accelerate"] == {"installed": "0.1.0", "locked": lock.pins["accelerate"]}
+    assert set(report["lock"]["differ"]) == {"accelerate", "torchvision"}
 
 
 def test_version_flag(capsys):
@@ -217,7 +222,7 @@ def test_every_metrics_json_records_versions_and_image_backend(tmp_path, monkeyp
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["versions"]["vlm-tune"] == __version__
     assert m["versions"]["python"] == sys.version.split()[0]
-    assert m["versions"]["torch"] == torch.__version__
+    assert m["versions"]["torch"] == metadata.version("torch")  # CUDA wheels: 2.13.0, torch_cuda says which
     assert m["versions"]["transformers"] == transformers.__version__
     assert set(versions.CORE) <= set(m["versions"]) and "torchvision" in m["versions"]
     assert m["torch_cuda"] == torch.version.cuda

@@ -134,16 +134,20 @@ def installed_versions() -> dict[str, str]:
 
 
 def drift(lock: Lock, names: tuple[str, ...] | None = None) -> list[Drift]:
-    """Locked packages (all, or only `names`) whose installed public version is not the locked one."""
+    """Locked packages (all, or only `names`) whose installed public version is not the locked one.
+
+    The GPU-only pins (torchvision) count where they are installed.
+    """
     installed = installed_versions()
+    pins = lock.pins | {k: v for k, v in lock.gpu.items() if k in installed}
     out = []
-    for name in names or tuple(lock.pins):
+    for name in names or tuple(pins):
         key = canonical(name)
-        if key not in lock.pins:
+        if key not in pins:
             continue
         have = installed.get(key)
-        if have is None or public(have) != public(lock.pins[key]):
-            out.append(Drift(key, have, lock.pins[key]))
+        if have is None or public(have) != public(pins[key]):
+            out.append(Drift(key, have, pins[key]))
     return out
 
 
