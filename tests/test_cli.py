@@ -7,7 +7,7 @@ import pytest
 
 from vlm_tune.cli import build_parser, main
 
-COMMANDS = ["train", "eval", "check", "predict", "push", "merge", "synth", "tiny-model", "config"]
+COMMANDS = ["train", "eval", "check", "predict", "push", "merge", "synth", "tiny-model", "config", "env"]
 
 
 def run_cli(*args, cwd=None):

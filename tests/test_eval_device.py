@@ -49,6 +49,11 @@ def test_vlm_tune_eval_decodes_images_per_batch(lora_run_copy, monkeypatch):
     assert saved["device"] == "cpu" and saved["dtype"] == "float32"
     assert saved["wall_s"] > 0 and saved["answers_per_s"] == pytest.approx(8 / saved["wall_s"], rel=0.01)
     assert saved["split"] == "test"
+    # and the software that produced it (vlm-tune env's versions, the image backend every path loads)
+    from vlm_tune.runtime import image_backend
+    from vlm_tune.versions import library_versions
+
+    assert saved["versions"] == library_versions() and saved["image_backend"] == image_backend()
 
 
 def test_train_evals_record_device_and_hold_one_batch(cache_dir, tmp_path, monkeypatch):
@@ -75,6 +80,7 @@ def test_train_evals_record_device_and_hold_one_batch(cache_dir, tmp_path, monke
         assert m["wall_s"] > 0 and m["answers_per_s"] > 0
     majority = json.loads((run / "eval" / "majority" / "metrics.json").read_text())
     assert majority["device"] is None and majority["rows"] == 8  # no model
+    assert majority["versions"]["transformers"] and majority["image_backend"] in ("pil", "torchvision")
     assert (run / "report.html").read_text().count("data:image/png;base64") >= 8
 
 

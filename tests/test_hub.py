@@ -665,3 +665,56 @@ def lora_run(lora_run, tmp_path_factory):
     copy = tmp_path_factory.mktemp("hubrun") / "run"
     shutil.copytree(lora_run, copy)
     return copy
+
+
+# --------------------------------------------------------------------------------------------- software
+RECORDED = {
+    "vlm-tune": "0.1.0",
+    "python": "3.11.7",
+    "torch": "2.13.0",
+    "transformers": "5.25.0",
+    "trl": "1.16.0",
+    "peft": "0.21.2",
+    "accelerate": "1.16.0",
+    "torchvision": "0.28.0",
+}
+
+
+def test_model_card_records_the_versions_and_image_backend_of_the_evaluation(run_dir):
+    """The card's Software section is what eval/final/metrics.json recorded; another eval's differences named."""
+    for name, extra in {
+        "final": {"versions": RECORDED, "torch_cuda": "13.0", "image_backend": "torchvision"},
+        "untrained": {
+            "versions": RECORDED | {"transformers": "5.24.0"},
+            "torch_cuda": "13.0",
+            "image_backend": "pil",
+        },
+    }.items():
+        path = run_dir / "eval" / name / "metrics.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | extra))
+    card = build_model_card(run_dir, REPO)
+    software = card[card.index("## Software") : card.index("## Use it")]
+    assert "As recorded by the `final` evaluation (`eval/final/metrics.json`)" in software
+    for row in [
+        "| vlm-tune | 0.1.0 |",
+        "| python | 3.11.7 |",
+        "| torch | 2.13.0 (CUDA 13.0 build) |",
+        "| transformers | 5.25.0 |",
+        "| trl | 1.16.0 |",
+        "| peft | 0.21.2 |",
+        "| accelerate | 1.16.0 |",
+        "| torchvision | 0.28.0 |",
+        "| image processors | torchvision |",
+    ]:
+        assert row in software, row
+    assert "`untrained` ran with other software: transformers 5.24.0, image processors pil." in software
+
+
+def test_model_card_says_when_no_versions_were_recorded_and_names_the_pil_backend(run_dir):
+    assert "recorded no library versions" in build_model_card(run_dir)
+    path = run_dir / "eval" / "final" / "metrics.json"
+    record = {"versions": RECORDED | {"torchvision": None}, "torch_cuda": None, "image_backend": "pil"}
+    path.write_text(json.dumps(json.loads(path.read_text()) | record))
+    card = build_model_card(run_dir)
+    assert "| torch | 2.13.0 (CPU build) |" in card and "| torchvision | not installed |" in card
+    assert "| image processors | pil |" in card and "PIL image processors" in card

@@ -97,6 +97,12 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     for problem in precision_problems(cfg.model.dtype, cfg.train.method, hw):
         ok = False
         console.print(f"  [red]{problem}[/red]", highlight=False)
+    from rich.markup import escape
+
+    from vlm_tune.versions import core_drift_warnings
+
+    for warning in core_drift_warnings():  # a warning, not a failure: the run may well work
+        console.print(f"[yellow]warning: {escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
     train_prepared = None
     for split, limit in (
         (d.train_split, d.max_train_samples),

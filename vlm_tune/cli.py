@@ -13,6 +13,7 @@ import sys
 import warnings
 from typing import Any
 
+from vlm_tune import __version__
 from vlm_tune.errors import UserError
 
 EXAMPLES = """examples:
@@ -141,6 +142,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from vlm_tune.environment import env_report, format_env
+
+    report = env_report()
+    print(json.dumps(report, indent=2) if args.json else format_env(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-tune",
@@ -149,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"vlm-tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -243,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print every config key with its default, or a resolved config")
     with_config(p, required=False)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "env",
+        help="versions in use (python, torch, libraries, image backend) and how they differ from the lock",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_env)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 Writes `EVAL_DIR/predictions.jsonl` (id, question, gold, prediction, exact, relaxed, relaxed_strict, type,
 split) and `EVAL_DIR/metrics.json` (exact_match, relaxed_accuracy, relaxed_accuracy_strict overall, per
-split and per type, with counts).
+split and per type, with counts; the library versions, torch's CUDA build and the image backend in use).
 """
 
 from __future__ import annotations
@@ -163,11 +163,18 @@ def atomic_write(path: Path, text: str) -> None:
 def write_eval(
     out_dir: str | Path, records: list[dict[str, Any]], extra: dict[str, Any] | None = None
 ) -> dict:
-    """predictions.jsonl + metrics.json (each written atomically); returns the metrics."""
+    """predictions.jsonl + metrics.json (each written atomically); returns the metrics.
+
+    metrics.json also records the software in use (`versions.run_record`: library versions, torch_cuda,
+    image_backend).
+    """
+    from vlm_tune.versions import run_record
+
     out_dir = Path(out_dir)
     metrics = aggregate(records)
     if extra:
         metrics.update(extra)
+    metrics.update(run_record())
     atomic_write(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -219,6 +219,44 @@ def _training_section(cfg: dict[str, Any], adapter: dict[str, Any]) -> list[str]
     return lines
 
 
+def _software_section(evals: dict[str, dict[str, Any]]) -> list[str]:
+    """The library versions and image backend the evaluations recorded (metrics.json), first eval first."""
+    recorded = {name: m for name, m in evals.items() if isinstance(m.get("versions"), dict)}
+    lines = ["## Software", ""]
+    if not recorded:
+        return lines + [
+            "The evaluations recorded no library versions (metrics.json from an older vlm-tune).",
+            "",
+        ]
+    name, first = next(iter(recorded.items()))
+    versions = first["versions"]
+    lines += [f"As recorded by the `{name}` evaluation (`eval/{name}/metrics.json`):", ""]
+    lines += ["| software | version |", "|---|---|"]
+    for lib, version in versions.items():
+        if lib == "torch" and version:
+            cuda = first.get("torch_cuda")
+            version = f"{version} ({'CUDA ' + str(cuda) + ' build' if cuda else 'CPU build'})"
+        lines.append(f"| {lib} | {version or 'not installed'} |")
+    backend = first.get("image_backend")
+    if backend:
+        lines.append(f"| image processors | {backend} |")
+    for other, m in recorded.items():
+        changed = [f"{lib} {v}" for lib, v in m["versions"].items() if versions.get(lib) != v]
+        if m.get("image_backend") != backend:
+            changed.append(f"image processors {m.get('image_backend')}")
+        if changed:
+            lines += ["", f"`{other}` ran with other software: {', '.join(changed)}."]
+    if backend == "pil":
+        lines += [
+            "",
+            "Images went through transformers' PIL image processors (torchvision was not installed); where "
+            "torchvision is installed transformers uses its torchvision processors, whose pixels can differ "
+            "slightly.",
+        ]
+    lines.append("")
+    return lines
+
+
 def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: Family) -> list[str]:
     model_cfg = cfg.get("model") or {}
     dtype = (
@@ -350,8 +388,10 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, merged: bo
     system = prompt.get("system")
     lines += ["System prompt:", ""] + (_code_block(system) if system else ["*(none: no system turn)*"])
     lines += ["", "User template:", ""] + _code_block(str(prompt["user_template"])) + [""]
-    lines += _metrics_section(_evals(run_dir), str(data.get("eval_split") or ""))
+    evals = _evals(run_dir)
+    lines += _metrics_section(evals, str(data.get("eval_split") or ""))
     lines += _training_section(cfg, adapter)
+    lines += _software_section(evals)
     needs = "`transformers`, `peft`, `torch`" if is_adapter else "`transformers`, `torch`"
     lines += ["## Use it", "", f"Needs {needs} and `pillow` (no vlm-tune):", ""]
     fam = _run_family(run_dir / "final")
