@@ -29,6 +29,19 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_stand_ins(tmp_path_factory, tiny_dir):
+    """family name → directory of its builtin stand-in (SmolVLM's is the shared tiny model), built once."""
+    from vlm_tune.families import all_families
+
+    root = tmp_path_factory.mktemp("families")
+    dirs = {"smolvlm": tiny_dir}
+    for fam in all_families():
+        if fam.name != "smolvlm":
+            dirs[fam.name] = fam.build_stand_in(root / fam.name)
+    return dirs
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_dir):
     from transformers import AutoProcessor
 
