@@ -31,20 +31,20 @@ def pytest_collection_modifyitems(config, items):
     if not torchvision_imports() and os.environ.get("VLM_TUNE_REQUIRE_TORCHVISION") != "1":
         skip_tv = pytest.mark.skip(reason="needs torchvision (the GPU user's stack: the torchvision CI lane)")
         for item in items:
-            if "torchvision" in item.keywords:
+            if item.get_closest_marker("torchvision"):  # the marker, not a parameter id "torchvision"
                 item.add_marker(skip_tv)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def _torchvision_required(request):
     """A `torchvision` test in a lane that requires torchvision fails when it does not import."""
-    if "torchvision" in request.keywords:
+    if request.node.get_closest_marker("torchvision"):
         skip_without_torchvision("needs torchvision")
 
 
@@ -53,6 +53,19 @@ def tiny_dir(tmp_path_factory):
     from vlm_tune.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def family_stand_ins(tmp_path_factory, tiny_dir):
+    """family name → directory of its builtin stand-in (SmolVLM's is the shared tiny model), built once."""
+    from vlm_tune.families import all_families
+
+    root = tmp_path_factory.mktemp("families")
+    dirs = {"smolvlm": tiny_dir}
+    for fam in all_families():
+        if fam.name != "smolvlm":
+            dirs[fam.name] = fam.build_stand_in(root / fam.name)
+    return dirs
 
 
 @pytest.fixture(scope="session")

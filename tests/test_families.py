@@ -55,13 +55,9 @@ def fam(name):
 
 
 @pytest.fixture(scope="session")
-def stand_ins(tmp_path_factory, tiny_dir):
+def stand_ins(family_stand_ins):
     """name → directory of that family's stand-in (SmolVLM's is the shared tiny model)."""
-    root = tmp_path_factory.mktemp("families")
-    dirs = {"smolvlm": tiny_dir}
-    for name in FAMILIES[1:]:
-        dirs[name] = fam(name).build_stand_in(root / name)
-    return dirs
+    return family_stand_ins
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +123,9 @@ def test_builtin_stand_in_built_once_in_the_cache(tmp_path):
     )
 
 
-def test_qwen3_vl_template_is_the_published_one():
+def test_qwen3_vl_template_is_unchanged():
+    """Qwen3-VL's template is unverified (no published copy pinned: tests/test_published.py); it must at least
+    stay the text it was written down as."""
     from vlm_tune.families.qwen import QWEN3_VL_CHAT_TEMPLATE
 
     digest = hashlib.sha256(QWEN3_VL_CHAT_TEMPLATE.encode()).hexdigest()
@@ -165,6 +163,45 @@ def test_supervision_is_exactly_answers_and_end_of_turn(name, processors):
     assert len(image_ids) >= 2
     is_image = torch.isin(batch["input_ids"], image_ids)
     assert is_image.sum() > 0 and (batch["labels"][is_image] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bos_appears_once_where_the_tokenizer_has_one(name, processors):
+    """SmolVLM (<|im_start|>), Gemma 3 (<bos>) and LFM2-VL (<|startoftext|>) templates write their bos token,
+    PaliGemma's processor writes <bos> after the images; nothing adds a second one, in training or generation
+    rows. Qwen and InternVL have none."""
+    p = processors[name]
+    tok = p.tokenizer
+    assert (tok.bos_token is None) == (name in ("qwen2.5-vl", "qwen3-vl", "internvl"))
+    collator = make_collator(p, "sys", TEMPLATE, max_length=4096)
+    rows = [row("3", [img()]), row("7", [img(), img(40, 64)], question="long " * 10, rid="b")]
+    for batch in (collator(rows), collator.generation_batch(rows)):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            ids = ids[mask.bool()]
+            if tok.bos_token is None:
+                continue
+            assert int((ids == tok.bos_token_id).sum()) == 1
+            if name != "paligemma":  # the images come first there
+                assert ids[0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_string_contents_train_like_content_lists(name, processors):
+    """A conversational row whose contents are plain strings gives the batch the same row with content lists
+    gives (SmolVLM's published template would drop a string's text)."""
+    p = processors[name]
+    collator = ChatCollator(p, None, TEMPLATE, max_length=4096)
+    parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many bars?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Which is tallest?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "B"}]},
+    ]
+    strings = [parts[0]] + [{"role": m["role"], "content": m["content"][0]["text"]} for m in parts[1:]]
+    a = collator([row("B", [img()], messages=parts)])
+    b = collator([row("B", [img()], messages=strings)])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert supervised(p, b, 0) == f"{LEAD[name]}4{EOT[name]}{LEAD[name]}B{EOT[name]}"
 
 
 @pytest.mark.parametrize("name", FAMILIES)

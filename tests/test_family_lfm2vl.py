@@ -20,7 +20,7 @@ from vlm_tune.errors import UserError
 from vlm_tune.families import lfm2vl
 from vlm_tune.families.lfm2vl_image import SETTINGS, Lfm2VlImageProcessorPil, layout
 
-PUBLISHED = {  # LiquidAI/LFM2-VL-450M processor settings
+PUBLISHED = {  # LiquidAI/LFM2-VL-450M processor settings, with the thumbnail on (published: off)
     "downsample_factor": 2,
     "do_image_splitting": True,
     "min_tiles": 2,
@@ -35,9 +35,14 @@ PUBLISHED = {  # LiquidAI/LFM2-VL-450M processor settings
 TEMPLATE = "{question}\nAnswer with a single word or number."
 
 
+# the stand-in's own settings in these tests: LFM2-VL-450M's (it has no thumbnail) at tiny sizes, with the
+# thumbnail and at most 4 tiles, so the hand-worked layouts below exercise the thumbnail path
+THUMBNAIL = {"use_thumbnail": True, "max_tiles": 4}
+
+
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
-    return lfm2vl.build_stand_in(tmp_path_factory.mktemp("lfm2vl") / "m")
+    return lfm2vl.build_stand_in(tmp_path_factory.mktemp("lfm2vl") / "m", **THUMBNAIL)
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +177,9 @@ def test_saved_files_are_the_standard_ones(stand_in, processor, tmp_path):
     saved = json.loads((stand_in / "processor_config.json").read_text())
     assert saved["processor_class"] == "Lfm2VlProcessor"
     assert saved["image_processor"]["image_processor_type"] == "Lfm2VlImageProcessor"
+    want = PUBLISHED | {k: lfm2vl.STAND_IN[k] for k in lfm2vl.SIZES} | THUMBNAIL
     for key in SETTINGS:
-        assert saved["image_processor"][key] == lfm2vl.STAND_IN[key]
+        assert saved["image_processor"][key] == want[key], key
     processor.save_pretrained(tmp_path)
     again = json.loads((tmp_path / "processor_config.json").read_text())
     assert again["image_processor"]["image_processor_type"] == "Lfm2VlImageProcessor"
@@ -292,7 +298,11 @@ def test_card_lines_give_a_loaded_processor_the_same_counts(stand_in, overrides)
 def test_port_equals_the_torchvision_class(settings):
     from transformers.models.lfm2_vl.image_processing_lfm2_vl import Lfm2VlImageProcessor
 
-    s = PUBLISHED if settings == "published" else {k: lfm2vl.STAND_IN[k] for k in SETTINGS}
+    s = (
+        PUBLISHED
+        if settings == "published"
+        else PUBLISHED | {k: lfm2vl.STAND_IN[k] for k in lfm2vl.SIZES} | THUMBNAIL
+    )
     rng = np.random.default_rng(0)
     sizes = [(64, 64), (512, 512), (1000, 800), (3000, 200), (300, 2000), (37, 91), (200, 120), (1600, 100)]
     if settings == "published":  # 20:1 is too elongated for the stand-in's 16 tokens (see the test below)

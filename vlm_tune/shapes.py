@@ -24,10 +24,11 @@ that do not change speed or memory (rope_theta, max_position_embeddings) are the
 
 Approximations (everything else is as published):
 
-* Tokenizer: our offline byte-level BPE from `vlm_tune.tiny` (~760 tokens) with the same Idefics3 special
-  tokens and a SmolVLM-style chat template, not the 49k SmolLM2 tokenizer. Chart prompts are short and
-  made of words the BPE was trained on, so text lengths are close to the real ones; image tokens, which
-  dominate, are exact. The special-token ids differ (e.g. ``<image>`` is 3 here, 49190 / 49153 there).
+* Tokenizer: our offline byte-level BPE (~760 tokens) with SmolVLM's published special tokens and chat
+  template and the published image processor settings (`vlm_tune.families.smolvlm`), not the 49k SmolLM2
+  tokenizer. Chart prompts are short and made of words the BPE was trained on, so text lengths are close to
+  the real ones; image tokens, which dominate, are exact. The special-token ids differ (e.g. ``<image>`` is 4
+  here, 49190 there; ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` are 0, 1, 2 in both).
 * Vocabulary: the text model keeps the *published* vocab_size (49280 for 256M, 49155 for 2.2B) so the
   embedding, the lm_head, the logits memory and the parameter count match; the ids above the tokenizer's
   (~760 tokens; BPE target 800) are never fed in, but they get logits like in the real model. Sizing the
@@ -147,6 +148,7 @@ SHAPES: dict[str, Shape] = {
 }
 SPEC_FILE = "shape_spec.json"
 TOKENIZER_VOCAB = 800  # the offline BPE's target size (vlm_tune.tiny.build_tokenizer)
+BUILD = 2  # bump when the processor or tokenizer built here changes, so cached shape models are rebuilt
 
 
 def get_shape(name: str) -> Shape:
@@ -157,7 +159,7 @@ def get_shape(name: str) -> Shape:
 
 def _special_id(token: str) -> int:
     """Ids of our tokenizer's special tokens: the BPE trainer adds them first, in SPECIAL_TOKENS order."""
-    from vlm_tune.tiny import SPECIAL_TOKENS
+    from vlm_tune.families.smolvlm import SPECIAL_TOKENS
 
     return SPECIAL_TOKENS.index(token)
 
@@ -167,7 +169,7 @@ def shape_config(name: str, vocab_size: int | None = None) -> Any:
     from transformers import Idefics3Config
 
     s = get_shape(name)
-    pad, eos, image = (_special_id(t) for t in ("<|endoftext|>", "<end_of_utterance>", "<image>"))
+    pad, eos, image = (_special_id(t) for t in ("<|im_end|>", "<end_of_utterance>", "<image>"))
     return Idefics3Config(
         vision_config={
             "hidden_size": s.vision_hidden,
@@ -191,7 +193,7 @@ def shape_config(name: str, vocab_size: int | None = None) -> Any:
             "rms_norm_eps": 1e-5,
             "pad_token_id": pad,
             "eos_token_id": eos,
-            "bos_token_id": None,
+            "bos_token_id": _special_id("<|im_start|>"),
             "tie_word_embeddings": False,
         },
         scale_factor=s.scale_factor,
@@ -237,13 +239,15 @@ def vocab_difference(name: str, tokenizer_vocab: int = TOKENIZER_VOCAB) -> int:
 
 
 def shape_processor(name: str) -> Any:
-    """The Idefics3Processor of a shape: our offline tokenizer, the shape's tiling and image_seq_len."""
+    """The Idefics3Processor of a shape: our offline tokenizer with SmolVLM's special tokens, the published
+    chat template and image processor settings, the shape's tiling and image_seq_len."""
     from transformers import Idefics3Processor
 
-    from vlm_tune.tiny import TINY_CHAT_TEMPLATE, TinySpec, _image_processor, build_tokenizer
+    from vlm_tune.families.smolvlm import SMOLVLM_256M, build_tokenizer
+    from vlm_tune.tiny import TinySpec, _image_processor
 
     tokenizer = build_tokenizer(TOKENIZER_VOCAB)
-    for token in ("<|endoftext|>", "<end_of_utterance>", "<image>"):
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<image>"):
         if tokenizer.convert_tokens_to_ids(token) != _special_id(token):  # guards shape_config's ids
             raise RuntimeError(f"tokenizer id of {token} is not {_special_id(token)}")
     s = get_shape(name)
@@ -252,7 +256,7 @@ def shape_processor(name: str) -> Any:
         image_processor=_image_processor(spec),
         tokenizer=tokenizer,
         image_seq_len=s.image_seq_len,
-        chat_template=TINY_CHAT_TEMPLATE,
+        chat_template=SMOLVLM_256M.template(),
     )
 
 
@@ -265,6 +269,8 @@ def build_shape_model(
     device: where to initialise ("cuda" is much faster for 2.2B); None = CPU. Written atomically.
     """
     import torch
+
+    from vlm_tune.families.smolvlm import SMOLVLM_256M
 
     if name == "tiny":
         from vlm_tune.tiny import ensure_tiny_model
@@ -287,10 +293,9 @@ def build_shape_model(
         with torch.device(device or "cpu"):
             model = Idefics3ForConditionalGeneration(config)
     model = model.to(getattr(torch, dtype))
-    ids = {t: _special_id(t) for t in ("<|endoftext|>", "<end_of_utterance>")}
-    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = None
+    # as published: eos <end_of_utterance>, pad <|im_end|>, bos <|endoftext|>
+    for key, token in SMOLVLM_256M.generation_tokens().items():
+        setattr(model.generation_config, key, _special_id(token))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     from vlm_tune.tiny import save_built_model
 
@@ -300,7 +305,7 @@ def build_shape_model(
 
 
 def _marker(name: str, seed: int, dtype: str) -> dict[str, Any]:
-    return {"shape": name, "seed": seed, "dtype": dtype, **asdict(get_shape(name))}
+    return {"shape": name, "build": BUILD, "seed": seed, "dtype": dtype, **asdict(get_shape(name))}
 
 
 def ensure_shape_model(

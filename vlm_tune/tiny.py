@@ -1,4 +1,9 @@
-"""Offline tiny SmolVLM (Idefics3) model, tokenizer and processor, deterministic per seed."""
+"""Offline tiny SmolVLM (Idefics3) model, tokenizer and processor, deterministic per seed.
+
+Its chat template, special tokens and processor settings are SmolVLM-256M-Instruct's published ones
+(`vlm_tune.families.smolvlm.SMOLVLM_256M`); only the dims (tile 32 px, longest edge 64 px, 4 tokens per tile)
+and the vocabulary (an 800-token BPE trained offline) are its own.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +18,10 @@ from typing import Any
 
 from vlm_tune.errors import UserError
 
-TINY_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}"
-    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
-    "{% else %}{% set parts = message['content'] %}{% endif %}"
-    "{{ message['role'] | capitalize }}"
-    "{% if parts and parts[0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
-    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}"
-    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "{{ '<end_of_utterance>' }}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<end_of_utterance>",
-    "<image>",
-    "<fake_token_around_image>",
-    "<global-img>",
-] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+# bump when build_tiny_model's output changes (template, tokens, processor settings), so that tiny models already
+# built in a cache (their tiny_spec.json) are rebuilt instead of reused. 2: SmolVLM-256M's published template,
+# special tokens (bos <|im_start|>, pad <|im_end|>, unk <|endoftext|>) and generation ids
+BUILD = 2
 
 
 @dataclass
@@ -133,16 +123,16 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(
-    vocab_size: int = 800,
-    special_tokens: list[str] | None = None,
-    eos: str = "<end_of_utterance>",
-    pad: str = "<|endoftext|>",
+    vocab_size: int,
+    special_tokens: list[str],
+    eos: str,
+    pad: str,
+    unk: str | None = None,
     extra_corpus: tuple[str, ...] = (),
     **tokenizer_kwargs,
 ):
     """A byte-level BPE trained on chart-QA vocabulary (plus `extra_corpus`, e.g. a family's newline runs), with
-    a family's special tokens (default: Idefics3's)."""
-    special_tokens = special_tokens or SPECIAL_TOKENS
+    a family's special tokens (ids in list order) and its eos/pad/unk (and bos etc. as `tokenizer_kwargs`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -160,24 +150,21 @@ def build_tokenizer(
         tokenizer_object=tok,
         eos_token=eos,
         pad_token=pad,
-        unk_token=None,
+        unk_token=unk,
         additional_special_tokens=[t for t in special_tokens if t != pad],
         padding_side="right",
         **tokenizer_kwargs,
     )
 
 
-def _image_processor(spec: TinySpec):
-    try:
-        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil as IP
-    except ImportError:  # older transformers
-        from transformers import Idefics3ImageProcessor as IP
-    return IP(
+def _image_processor(spec: TinySpec) -> Any:
+    """SmolVLM-256M's published image processor at the spec's longest edge, tile size and splitting."""
+    from vlm_tune.families.smolvlm import image_processor
+
+    return image_processor(
         size={"longest_edge": spec.image_longest_edge},
         max_image_size={"longest_edge": spec.tile_size},
         do_image_splitting=spec.do_image_splitting,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
     )
 
 
@@ -185,6 +172,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     """Build and save the tiny model + processor in out_dir (atomically); returns out_dir."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    from vlm_tune.families.smolvlm import SMOLVLM_256M, build_tokenizer, generation_ids
 
     spec = spec or TinySpec()
     out_dir = Path(out_dir)
@@ -194,15 +183,16 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
             "(no tiny_spec.json); refusing to overwrite it. Choose a new or empty directory."
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.vocab_size)
+    tokenizer = build_tokenizer(spec.vocab_size)  # SmolVLM's published special tokens
     image_seq_len = (spec.vision_image_size // spec.patch_size) ** 2 // spec.scale_factor**2
     processor = Idefics3Processor(
         image_processor=_image_processor(spec),
         tokenizer=tokenizer,
         image_seq_len=image_seq_len,
-        chat_template=TINY_CHAT_TEMPLATE,
+        chat_template=SMOLVLM_256M.template(),
     )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<|endoftext|>", "<end_of_utterance>")}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<|im_start|>", "<end_of_utterance>")}
+    gen = generation_ids(tokenizer)
     config = Idefics3Config(
         vision_config={
             "hidden_size": spec.vision_hidden,
@@ -221,14 +211,14 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
             "num_attention_heads": spec.text_heads,
             "num_key_value_heads": spec.text_kv_heads,
             "max_position_embeddings": 2048,
-            "pad_token_id": ids["<|endoftext|>"],
+            "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": ids["<end_of_utterance>"],
-            "bos_token_id": None,
+            "bos_token_id": ids["<|im_start|>"],
             "tie_word_embeddings": False,
         },
         scale_factor=spec.scale_factor,
         image_token_id=ids["<image>"],
-        pad_token_id=ids["<|endoftext|>"],
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     # Seed a forked RNG so the caller's global torch RNG (e.g. a run seed set before the model is
@@ -236,10 +226,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Idefics3ForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids["<end_of_utterance>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.bos_token_id = None
-    return save_built_model(model, processor, out_dir, "tiny_spec.json", {"seed": seed, **asdict(spec)})
+    for key, value in gen.items():  # as published: eos <end_of_utterance>, pad <|im_end|>, bos <|endoftext|>
+        setattr(model.generation_config, key, value)
+    return save_built_model(model, processor, out_dir, "tiny_spec.json", _marker(seed, spec))
 
 
 def save_built_model(model: Any, processor: Any, out_dir: Path, spec_file: str, spec: dict[str, Any]) -> Path:
@@ -316,7 +305,10 @@ def ensure_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None 
     """out_dir if it holds a complete build for this seed and spec, else build it there."""
     out_dir = Path(out_dir)
     marker = out_dir / "tiny_spec.json"
-    want = {"seed": seed, **asdict(spec or TinySpec())}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if marker.is_file() and json.loads(marker.read_text()) == _marker(seed, spec or TinySpec()):
         return out_dir
     return build_tiny_model(out_dir, seed, spec)
+
+
+def _marker(seed: int, spec: TinySpec) -> dict[str, Any]:
+    return {"build": BUILD, "seed": seed, **asdict(spec)}

@@ -45,9 +45,18 @@ def template_problems(template: str, key: str = "prompt.user_template") -> list[
 def build_messages(
     row: dict[str, Any], system: str | None, user_template: str, with_answer: bool = True
 ) -> list[dict[str, Any]]:
-    """Row → messages. with_answer=False drops the final assistant turn (for generation)."""
+    """Row → messages, every content a list of parts. with_answer=False drops the final assistant turn (for
+    generation).
+
+    A plain-string content becomes one text part: SmolVLM's published chat template renders only content lists
+    (it silently drops the text of a string content), and every other family's renders both alike."""
     if row.get("messages"):
-        messages = [dict(m) for m in row["messages"]]
+        messages = [
+            {**m, "content": [{"type": "text", "text": m["content"]}]}
+            if isinstance(m["content"], str)
+            else dict(m)
+            for m in row["messages"]
+        ]
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         if not with_answer and messages[-1]["role"] == "assistant":

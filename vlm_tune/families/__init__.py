@@ -3,7 +3,9 @@
 A family is a plain record (`Family`) defined in its own module (`smolvlm.py`, `qwen.py`): how to recognise
 it (config `model_type`, processor class), which tokens are image-related (never supervised), which token
 closes an answer, the LoRA presets as module-name regexes, how `model.image.*` reaches its processor, and the
-builder of its offline stand-in (`builtin:tiny...`). `FAMILIES` lists them; nothing registers itself.
+builder of its offline stand-in (`builtin:tiny...`), and the pinned published values (chat template, special
+tokens, processor settings) of the checkpoints its stand-ins imitate (`pinned.Published`, files in
+`published/<folder>/`). `FAMILIES` lists them; nothing registers itself.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class Family:
     # projector modules LoRA cannot wrap (no nn.Linear, e.g. Gemma 3's matmul weight): lora.targets
     # "projector" trains them fully instead (modules_to_save, saved with the adapter)
     full_projector: tuple[str, ...] = ()
+    # the pinned published values (vlm_tune.families.pinned.Published) of the checkpoints this family's
+    # stand-ins imitate; the first is the builtin stand-in's
+    published: tuple[Any, ...] = ()
 
 
 def _families() -> tuple[Family, ...]:

@@ -36,6 +36,7 @@ from typing import Any
 
 from vlm_tune.errors import UserError
 from vlm_tune.families import Family
+from vlm_tune.families.pinned import Pinned, Published
 
 # Gemma's ids where it has them (pad 0, eos 1, bos 2, unk 3); the image tokens after them
 SPECIAL_TOKENS = [
@@ -52,56 +53,50 @@ SPECIAL_TOKENS = [
 ]
 IMAGE_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
 END_OF_TURN = "<end_of_turn>"
-# named special tokens the Gemma 3 processor reads from its tokenizer (tokenizer_config.json of gemma-3-4b-it)
-NAMED_TOKENS = {
-    "boi_token": "<start_of_image>",
-    "eoi_token": "<end_of_image>",
-    "image_token": "<image_soft_token>",
-}
-
-# Source: the chat_template of google/gemma-3-4b-it (tokenizer_config.json / chat_template.json), JSON-decoded,
-# copied verbatim (the same text for gemma-3-12b-it and -27b-it).
-CHAT_TEMPLATE = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-    {{ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\n'}}
-{%- endif -%}
-"""
+# -- published values -----------------------------------------------------------------------------------
+_VARUN = (
+    "GitHub varun00391/local-finetuned-model, gemma-3-270m/gemma-3-270m-it/{} at "
+    "a913c33978b466ed686191eda666661a918ee9a3"
+)
+PUBLISHED = Published(
+    checkpoint="google/gemma-3-4b-it",
+    chat_template=Pinned(
+        "gemma3/chat_template.jinja",
+        "7de1c58e208eda46e9c7f86397df37ec49883aeece39fb961e0a6b24088dd3c4",
+        _VARUN.format("chat_template.jinja")
+        + " (gemma-3-270m-it's; byte-identical to _CHAT_TEMPLATE of GitHub "
+        "huggingface/transformers, src/transformers/models/gemma3/convert_gemma3_weights.py at "
+        "0d7e95d96b4e187c651e2b2406ed98ed40d74963, the script that writes every Gemma 3 checkpoint)",
+        "verbatim",
+    ),
+    tokens=Pinned(
+        "gemma3/tokens.json",
+        "55d62e7d7ae7aad98773f9e8d8c0d838858cbaeb5114b8bb0018088a1dbf8cf7",
+        "extracted from "
+        + _VARUN.format("tokenizer_config.json")
+        + " (the tokenizer all Gemma 3 sizes share)",
+        "extracted",
+    ),
+    image_processor=Pinned(
+        "gemma3/preprocessor_config.json",
+        "f688d6bb20c5017601c4011de7ca656da8485b540b05013efdaf986c0fcc918d",
+        "https://huggingface.co/Synthetica-AI/gemma-3-4b-it/blob/main/preprocessor_config.json (09fcf0f, "
+        '"Copy model google/gemma-3-4b-it", 570 B)',
+        "transcribed",
+    ),
+    processor=Pinned(
+        "gemma3/processor_config.json",
+        "3ffd5f11778dc73e2b69b3c00535e4121e1badf7018136263cd17b5b34fbaa53",
+        "https://huggingface.co/SatyaV/gemma-3-4b-SiglipEncoder/blob/main/processor_config.json (d8ec4cd, 70 B)",
+        "transcribed",
+    ),
+    unverified={
+        "special_tokens.adds_bos": "the pinned files do not say whether the tokenizer adds <bos> itself; the "
+        "stand-in's does, as Gemma's tokenizer is known to, and the collator never lets it"
+    },
+)
+# the Gemma 3 chat template (it writes <bos> itself, folds a system turn into the first user turn, trims text)
+CHAT_TEMPLATE = PUBLISHED.template()
 
 DECODER = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 VISION = r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
@@ -210,38 +205,53 @@ STAND_IN = {  # small dims; published processor class, tokens and template; 64-p
     "text_intermediate": 256,
     "sliding_window": 32,
     "vocab_size": 800,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
 }
+BUILD = 2  # bump when the builder's output changes, so stand-ins cached by an earlier build are rebuilt
 # newline runs as the real Gemma vocabulary has them ("\n\n" is one token), so the placeholder expansion's
 # newlines merge with the template's as they do with the real tokenizer
 _NEWLINE_CORPUS = ("\n\n", "\n\n\n", "\n\n\n\n", "Chart\n\nHow many bars?\n\n\nWhich\n")
 
 
+def checkpoint_settings() -> dict[str, Any]:
+    """gemma-3-4b-it's settings under STAND_IN's names (for the rehearsal stand-in): the published square and
+    image tokens; SigLIP's patch 14 is from the model's config.json (not pinned)."""
+    ip, proc = PUBLISHED.settings()
+    return {
+        "image_size": ip["size"]["height"],
+        "patch_size": 14,
+        "mm_tokens_per_image": proc["image_seq_length"],
+    }
+
+
 def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
     """Build (or reuse, if the same spec) the tiny Gemma 3 stand-in in out_dir.
 
-    `published` overrides the processor/vision settings (image_size, patch_size, mm_tokens_per_image,
-    image_mean, image_std) with a real checkpoint's, for the rehearsal of a shipped config; other dims stay tiny."""
+    Chat template, special tokens and image processor settings are the published ones (pinned); `published`
+    overrides the tiny dims (image_size, patch_size, mm_tokens_per_image; image_mean, image_std) with a real
+    checkpoint's (`checkpoint_settings`), for the rehearsal of a shipped config; other dims stay tiny."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
-    s = stand_in_settings("Gemma 3", STAND_IN, published)
+    s = stand_in_settings("Gemma 3", STAND_IN, published, ("image_mean", "image_std"))
     out_dir = Path(out_dir)
-    want = {"family": "gemma3", "seed": seed, **s}
+    want = {"family": "gemma3", "build": BUILD, "seed": seed, **s}
     if reuse_or_prepare(out_dir, want):
         return out_dir
+    names = PUBLISHED.special_tokens()
     tok = build_tokenizer(
         s["vocab_size"],
         SPECIAL_TOKENS,
-        eos="<eos>",
-        pad="<pad>",
+        eos=names["eos_token"],
+        pad=names["pad_token"],
+        unk=names["unk_token"],
         extra_corpus=_NEWLINE_CORPUS,
-        bos_token="<bos>",
+        bos_token=names["bos_token"],
         add_bos_token=True,  # as Gemma's tokenizer: the collator must not let it add a second <bos>
-        extra_special_tokens=NAMED_TOKENS,
+        extra_special_tokens={
+            k.removeprefix("named."): v for k, v in names.items() if k.startswith("named.")
+        },
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     side = s["image_size"] // s["patch_size"]
@@ -249,12 +259,12 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
         s["mm_tokens_per_image"] ** 0.5
     ):
         raise ValueError("mm_tokens_per_image must be a square whose side divides image_size / patch_size")
-    ip = Gemma3ImageProcessorPil(  # saved as Gemma3ImageProcessor (the class users load with torchvision)
-        size={"height": s["image_size"], "width": s["image_size"]},
-        image_mean=s["image_mean"],
-        image_std=s["image_std"],
-        resample=2,  # bilinear, as published
-    )
+    kwargs = PUBLISHED.image_processor_kwargs()  # bilinear, mean/std 0.5, do_convert_rgb null, ...
+    kwargs |= {k: s[k] for k in ("image_mean", "image_std") if k in s}
+    kwargs |= {"size": {"height": s["image_size"], "width": s["image_size"]}}
+    kwargs["image_seq_length"] = s["mm_tokens_per_image"]  # the published file repeats it here
+    # saved as Gemma3ImageProcessor (the class users load with torchvision)
+    ip = Gemma3ImageProcessorPil(**kwargs)
     processor = Gemma3Processor(
         image_processor=ip,
         tokenizer=tok,
@@ -331,4 +341,5 @@ FAMILY = Family(
     card_image_lines=card_image_lines,
     expand_image_placeholders=expand_image_placeholders,
     full_projector=("multi_modal_projector",),
+    published=(PUBLISHED,),
 )

@@ -37,6 +37,7 @@ from typing import Any
 from vlm_tune.errors import UserError
 from vlm_tune.families import Family
 from vlm_tune.families.image_only import image_only_class, load_image_only
+from vlm_tune.families.pinned import Pinned, Published
 
 # InternVL's own tokens on top of the Qwen2 ChatML ones (transformers' convert_internvl_weights_to_hf.py adds
 # <img> </img> <IMG_CONTEXT> <quad> </quad> <ref> </ref> <box> </box> and names <video>)
@@ -55,42 +56,55 @@ SPECIAL_TOKENS = [
     "<box>",
     "</box>",
 ]
-# the tokenizer attributes InternVLProcessor reads (tokenizer_config.json "extra_special_tokens")
-EXTRA_SPECIAL_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
 IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
 END_OF_TURN = "<|im_end|>"
 
-# Source: chat_template of OpenGVLab/InternVL3-1B-hf, as written by transformers'
-# src/transformers/models/internvl/convert_internvl_weights_to_hf.py (the script that made the -hf checkpoints),
-# copied verbatim (the script's adjacent string literals joined): 481 bytes, the size the hub lists for the
-# published chat_template.jinja of OpenGVLab/InternVL3-14B-hf (same script); a test pins its sha256.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}"
-    "{{ '<IMG_CONTEXT>\n' }}"
-    "{% elif content['type'] == 'video' %}"
-    "{{ '<video>\n' }}"
-    "{% elif content['type'] == 'text' %}"
-    "{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "{{'<|im_end|>\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "{{'<|im_start|>assistant\n' }}"
-    "{% endif %}"
+
+# -- published values -----------------------------------------------------------------------------------
+def _layout(ip: dict[str, Any], proc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """derived_settings.json lists InternVLProcessor's image_seq_length beside the image processor's keys."""
+    ip = dict(ip)
+    return ip, {**proc, "image_seq_length": ip.pop("image_seq_length")}
+
+
+PUBLISHED = Published(
+    checkpoint="OpenGVLab/InternVL3-1B-hf",
+    chat_template=Pinned(
+        "internvl/chat_template.jinja",
+        "b3e3fa7cdeceec1d3dfe0d17b77724baf3857714e688f3a700261567e96140eb",
+        "the chat_template literal of GitHub huggingface/transformers, src/transformers/models/internvl/"
+        "convert_internvl_weights_to_hf.py (the script that made the -hf checkpoints; its InternVL3.5 revision, "
+        "commit not reported), 481 B = the chat_template.jinja listed for OpenGVLab/InternVL3-14B-hf",
+        "verbatim",
+    ),
+    tokens=Pinned(
+        "internvl/tokens.json",
+        "5b8ae5d5745d0e4d56eb3ff6aa28500d30be626773bbe8800d93dfb7b33dc691",
+        "GitHub huggingface/transformers, src/transformers/models/internvl/convert_internvl_weights_to_hf.py "
+        "(<IMG_CONTEXT> 151667, eos 151645) and https://huggingface.co/hf-tiny-v2/"
+        "tiny-random-InternVLModel/blame/main/tokenizer_config.json (b371a0f)",
+        "extracted",
+    ),
+    image_processor=Pinned(
+        "internvl/derived_settings.json",
+        "e67e90c76e170bb3fe2e41dcaefc0f8b34af1442a731305b18cbe077c62d5e79",
+        "the write_image_processor arguments of GitHub huggingface/transformers, src/transformers/models/internvl/"
+        "convert_internvl_weights_to_hf.py (448 px, ImageNet mean/std) + GotOcr2 image processor defaults + "
+        "InternVLProcessor's default image_seq_length 256",
+        "derived",
+    ),
+    derived={
+        "processor_settings": "no preprocessor_config.json / processor_config.json of InternVL3-1B-hf was "
+        "found: compared with the values transformers' converter writes (derived_settings.json)"
+    },
+    layout=_layout,
 )
+# the tokenizer attributes InternVLProcessor reads (tokenizer_config.json "extra_special_tokens")
+EXTRA_SPECIAL_TOKENS = {
+    k.removeprefix("named."): v for k, v in PUBLISHED.special_tokens().items() if k.startswith("named.")
+}
+# InternVL3-1B-hf's chat template: ChatML, an image is "<IMG_CONTEXT>\n", no default system turn
+CHAT_TEMPLATE = PUBLISHED.template()
 
 
 # -- processor --------------------------------------------------------------------------------------------
@@ -206,11 +220,6 @@ STAND_IN = {  # small dims; published processor class, tokens and template; 32-p
     "tile_size": 32,  # published 448
     "patch_size": 8,  # published 14
     "downsample_ratio": 0.5,  # published (pixel shuffle): image_seq_length = (tile/patch)^2 * ratio^2
-    "min_patches": 1,
-    "max_patches": 12,
-    "crop_to_patches": False,  # the published saved value (the processor turns it on at call time)
-    "image_mean": [0.485, 0.456, 0.406],  # ImageNet, as published
-    "image_std": [0.229, 0.224, 0.225],
     "vision_layers": 2,
     "vision_hidden": 64,
     "vision_heads": 4,
@@ -223,38 +232,46 @@ STAND_IN = {  # small dims; published processor class, tokens and template; 32-p
 }
 
 
+BUILD = 2  # bump when the builder's output changes, so stand-ins cached by an earlier build are rebuilt
+# image processor settings a stand-in may override (the rest are always the published ones)
+OPTIONAL = ("min_patches", "max_patches", "crop_to_patches", "image_mean", "image_std")
+
+
+def checkpoint_settings() -> dict[str, Any]:
+    """InternVL3-1B-hf's tile size under STAND_IN's names (for the rehearsal stand-in): the converter's 448-px
+    tiles; InternViT's patch 14 is from the model's config (not pinned)."""
+    ip, _ = PUBLISHED.settings()
+    return {"tile_size": ip["size"]["height"], "patch_size": 14}
+
+
 def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
     """Build (or reuse, if the same spec) the tiny InternVL stand-in in out_dir.
 
-    `published` overrides processor/vision-input settings (tile_size, patch_size, downsample_ratio,
-    min_patches, max_patches, crop_to_patches, image_mean, image_std) with a real checkpoint's, for the
-    rehearsal of a shipped config; the dims stay tiny."""
+    Chat template, special tokens and image processor settings are the published ones (pinned); `published`
+    overrides the tiny dims (tile_size, patch_size, downsample_ratio; or OPTIONAL settings) with a real
+    checkpoint's (`checkpoint_settings`), for the rehearsal of a shipped config."""
     import transformers
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
-    s = stand_in_settings("InternVL", STAND_IN, published)
+    s = stand_in_settings("InternVL", STAND_IN, published, OPTIONAL)
     out_dir = Path(out_dir)
-    want = {"family": "internvl", "seed": seed, **s}
+    want = {"family": "internvl", "build": BUILD, "seed": seed, **s}
     if reuse_or_prepare(out_dir, want):
         return out_dir
+    names = PUBLISHED.special_tokens()  # bos: none
     tok = build_tokenizer(
         s["vocab_size"],
         SPECIAL_TOKENS,
-        eos=END_OF_TURN,
-        pad="<|endoftext|>",
+        eos=names["eos_token"],
+        pad=names["pad_token"],
         extra_special_tokens=EXTRA_SPECIAL_TOKENS,
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    ip = GotOcr2ImageProcessorPil(
-        size={"height": s["tile_size"], "width": s["tile_size"]},
-        crop_to_patches=s["crop_to_patches"],
-        min_patches=s["min_patches"],
-        max_patches=s["max_patches"],
-        image_mean=s["image_mean"],
-        image_std=s["image_std"],
-    )
+    kwargs = PUBLISHED.image_processor_kwargs() | {k: s[k] for k in OPTIONAL if k in s}
+    kwargs["size"] = {"height": s["tile_size"], "width": s["tile_size"]}
+    ip = GotOcr2ImageProcessorPil(**kwargs)
     image_seq_length = round((s["tile_size"] // s["patch_size"]) ** 2 * s["downsample_ratio"] ** 2)
     processor = _image_only()(
         image_processor=ip, tokenizer=tok, image_seq_length=image_seq_length, chat_template=CHAT_TEMPLATE
@@ -332,4 +349,5 @@ FAMILY = Family(
     load_processor=load_processor,
     card_image_lines=card_image_lines,
     image_token_counts=image_token_counts,
+    published=(PUBLISHED,),
 )

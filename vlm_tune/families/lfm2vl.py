@@ -35,6 +35,7 @@ from typing import Any
 from vlm_tune.errors import UserError
 from vlm_tune.families import Family
 from vlm_tune.families.lfm2vl_image import image_token_counts
+from vlm_tune.families.pinned import Pinned, Published
 
 GRID = range(1, 11)  # the published tokenizer has <|img_row_R_col_C|> for R, C in 1..10 (max_tiles 10)
 IMAGE_TOKENS = ("<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>") + tuple(
@@ -43,15 +44,73 @@ IMAGE_TOKENS = ("<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|
 SPECIAL_TOKENS = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", *IMAGE_TOKENS]
 END_OF_TURN = "<|im_end|>"
 
-# Source: chat_template.jinja of LiquidAI/LFM2-VL-450M (434 bytes, as published with the checkpoint; read from
-# a copy of the repository's files), verbatim. sha256 pinned in tests/test_family_lfm2vl.py.
-CHAT_TEMPLATE = (
-    "{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{% if "
-    "message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}{% if "
-    "add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+# -- published values -----------------------------------------------------------------------------------
+_VARUN = (
+    "GitHub varun00391/local-finetuned-model, LiquidAI:LFM2-VL-450M/lfm2-450m/{} at "
+    "a913c33978b466ed686191eda666661a918ee9a3 (an Aug 2025 snapshot of the hub repo, remote-code era)"
 )
+# keys of the remote-code era files (Siglip2ImageProcessor + processing_lfm2_vl.py) that transformers' native
+# Lfm2VlImageProcessor does not read: file bookkeeping, call defaults, patch_size (= encoder_patch_size), and
+# `do_resize: false`, which told the remote Siglip2 class not to resize (the native class always resizes to its
+# own smart size)
+REMOTE_ONLY = ("auto_map", "input_data_format", "return_tensors", "patch_size", "do_resize")
+
+
+def _layout(ip: dict[str, Any], proc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The remote-code layout → transformers 5's: the image settings move from processor_config.json into the
+    image processor (the hub's current revision does the same); `use_image_special_tokens` (true) is a call
+    default of the native Lfm2VlProcessor, not a saved setting."""
+    moved = {
+        k: v for k, v in proc.items() if k not in ("processor_class", "auto_map", "use_image_special_tokens")
+    }
+    ip = {k: v for k, v in ip.items() if k not in REMOTE_ONLY} | moved
+    return ip, {"processor_class": proc.get("processor_class", "Lfm2VlProcessor")}
+
+
+PUBLISHED = Published(
+    checkpoint="LiquidAI/LFM2-VL-450M",
+    chat_template=Pinned(
+        "lfm2-vl/chat_template.jinja",
+        "cf0af741b36248dfe460af825b0b3acb3c651cf7dd40a74c29447f60b75d2b9b",
+        _VARUN.format("chat_template.jinja"),
+        "verbatim",
+    ),
+    tokens=Pinned(
+        "lfm2-vl/tokens.json",
+        "041504b3e754c355f6e2d427c1c20ef8259ecffb73eb40c77921ede135c79d91",
+        "token strings and ids extracted from " + _VARUN.format("tokenizer_config.json"),
+        "extracted",
+    ),
+    tokenizer_config=Pinned(
+        "lfm2-vl/tokenizer_config.json",
+        "5d460b26aa4512b0c951d735360c6eb443812a3f7974f95abcef67638c0c0df4",
+        _VARUN.format("tokenizer_config.json"),
+        "verbatim",
+    ),
+    image_processor=Pinned(
+        "lfm2-vl/preprocessor_config.json",
+        "a70ef8973bfbb79a429a1e48f3a3674ec5e970d82e52e6c9091381a1a2e48966",
+        _VARUN.format("preprocessor_config.json"),
+        "verbatim",
+    ),
+    processor=Pinned(
+        "lfm2-vl/processor_config.json",
+        "dfb538d609add2675159696d441d920b55b9a8e994fa7e294bf8b038bfedb7de",
+        _VARUN.format("processor_config.json")
+        + " (the same values: https://huggingface.co/LiquidAI/LFM2-VL-450M/"
+        "blob/refs%2Fpr%2F4/processor_config.json, 4ee6792)",
+        "verbatim",
+    ),
+    generation=Pinned(
+        "lfm2-vl/generation_config.json",
+        "529184b675eb21c69367bb9b96b4b6fab90e02d94a384f5a94f1004903ac2430",
+        _VARUN.format("generation_config.json"),
+        "verbatim",
+    ),
+    layout=_layout,
+)
+# LFM2-VL-450M's chat template: ChatML opened by {{bos_token}}, `<image>` per image
+CHAT_TEMPLATE = PUBLISHED.template()
 
 # model.image knob → image processor attribute (same meaning, same name)
 KNOBS = ("min_image_tokens", "max_image_tokens", "tile_size", "do_image_splitting")
@@ -135,7 +194,7 @@ def _vision_save_modules(model: Any) -> list[str]:
 
 
 # -- offline stand-in ---------------------------------------------------------------------------------------
-STAND_IN = {  # tiny dims; processor settings scaled down: patch 8, 64-px tiles, 4..16 image tokens per tile
+STAND_IN = {  # tiny dims; the processor's sizes scaled down: patch 8, 64-px tiles, 4..16 image tokens per tile
     "vision_hidden": 64,
     "vision_layers": 2,
     "vision_heads": 4,
@@ -148,57 +207,65 @@ STAND_IN = {  # tiny dims; processor settings scaled down: patch 8, 64-px tiles,
     "layer_types": ["conv", "full_attention", "conv", "full_attention"],
     "projector_hidden": 128,
     "vocab_size": 900,
-    "encoder_patch_size": 8,
-    "downsample_factor": 2,
-    "tile_size": 64,
-    "min_image_tokens": 4,
-    "max_image_tokens": 16,
-    "min_tiles": 2,
-    "max_tiles": 4,
-    "max_pixels_tolerance": 2.0,
-    "use_thumbnail": True,
-    "do_image_splitting": True,
+    "encoder_patch_size": 8,  # published 16
+    "tile_size": 64,  # published 512
+    "min_image_tokens": 4,  # published 64
+    "max_image_tokens": 16,  # published 256
 }
-PUBLISHED_KEYS = {"image_mean", "image_std"}
+SIZES = ("encoder_patch_size", "tile_size", "min_image_tokens", "max_image_tokens")
+# the other image processor settings are the published ones; a stand-in may override them (a test turns the
+# thumbnail on, which the 450M does not use)
+OPTIONAL = (
+    "downsample_factor",
+    "min_tiles",
+    "max_tiles",
+    "max_pixels_tolerance",
+    "use_thumbnail",
+    "do_image_splitting",
+    "image_mean",
+    "image_std",
+)
+BUILD = 4  # bump when the builder's output changes, so stand-ins cached by an earlier build are rebuilt
+
+
+def checkpoint_settings() -> dict[str, Any]:
+    """LFM2-VL-450M's published sizes under STAND_IN's names (for the rehearsal stand-in)."""
+    ip, _ = PUBLISHED.settings()
+    return {k: ip[k] for k in SIZES}
 
 
 def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
     """Build (or reuse, if the same spec) the tiny LFM2-VL stand-in in out_dir.
 
-    `published` overrides processor settings (encoder_patch_size, tile_size, min/max_image_tokens,
-    min/max_tiles, use_thumbnail, ...) with a real checkpoint's, for the rehearsal of a shipped config."""
+    Chat template, special tokens and image processor settings are the published ones (pinned); `published`
+    overrides the tiny sizes (encoder_patch_size, tile_size, min/max_image_tokens; or OPTIONAL settings) with a
+    real checkpoint's (`checkpoint_settings`), for the rehearsal of a shipped config."""
     import transformers
 
     from vlm_tune.families.lfm2vl_image import Lfm2VlImageProcessorPil
     from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
-    s = stand_in_settings("LFM2-VL", STAND_IN, published, PUBLISHED_KEYS)
+    s = stand_in_settings("LFM2-VL", STAND_IN, published, OPTIONAL)
     out_dir = Path(out_dir)
-    want = {"family": "lfm2_vl", "build": 3, "seed": seed, **s}  # build: bump when the builder changes
+    want = {"family": "lfm2_vl", "build": BUILD, "seed": seed, **s}
     if reuse_or_prepare(out_dir, want):
         return out_dir
+    names = PUBLISHED.special_tokens()
     tok = build_tokenizer(  # like the published tokenizer: adds <|startoftext|> unless told not to
         s["vocab_size"],
         SPECIAL_TOKENS,
-        eos=END_OF_TURN,
-        pad="<|pad|>",
-        bos_token="<|startoftext|>",
-        add_bos_token=True,
+        eos=names["eos_token"],
+        pad=names["pad_token"],
+        bos_token=names["bos_token"],
+        add_bos_token=names["adds_bos"],
+        extra_special_tokens={
+            k.removeprefix("named."): v for k, v in names.items() if k.startswith("named.")
+        },
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    settings = (
-        "encoder_patch_size",
-        "downsample_factor",
-        "tile_size",
-        "min_image_tokens",
-        "max_image_tokens",
-    )
-    settings += ("min_tiles", "max_tiles", "max_pixels_tolerance", "use_thumbnail", "do_image_splitting")
-    ip = Lfm2VlImageProcessorPil(
-        image_mean=s.get("image_mean", [0.5] * 3),
-        image_std=s.get("image_std", [0.5] * 3),
-        **{k: s[k] for k in settings},
-    )
+    kwargs = PUBLISHED.image_processor_kwargs()  # max_num_patches follows from the sizes
+    kwargs |= {k: s[k] for k in (*SIZES, *OPTIONAL) if k in s}
+    ip = Lfm2VlImageProcessorPil(**kwargs)
     processor = transformers.Lfm2VlProcessor(image_processor=ip, tokenizer=tok, chat_template=CHAT_TEMPLATE)
     vision = {
         "hidden_size": s["vision_hidden"],
@@ -228,7 +295,7 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
         text_config={"model_type": "lfm2", **text},
         image_token_id=ids["<image>"],
         projector_hidden_size=s["projector_hidden"],
-        downsample_factor=s["downsample_factor"],
+        downsample_factor=ip.downsample_factor,
         tie_word_embeddings=True,
     )
     return save_stand_in(
@@ -266,4 +333,5 @@ FAMILY = Family(
     load_processor=load_processor,
     card_image_lines=card_image_lines,
     image_token_counts=image_token_counts,
+    published=(PUBLISHED,),
 )

@@ -28,11 +28,35 @@ from typing import Any
 
 from vlm_tune.errors import UserError
 from vlm_tune.families import Family
+from vlm_tune.families.pinned import Pinned, Published
 
 IMAGE_TOKEN = "<image>"
 END_OF_TURN = "<eos>"
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0-4, as in Gemma's tokenizer
 CHECKPOINT_SIZES = "224, 448 or 896 px (google/paligemma2-3b-pt-224 / -448 / -896, mix-224 / mix-448)"
+PUBLISHED = Published(
+    checkpoint="google/paligemma2-3b-pt-448",
+    tokens=Pinned(
+        "paligemma/tokens.json",
+        "02d5a9ce6fa5bc08a49e870f57292f84550f4ef0700234a7101d6aeabb39ac9f",
+        "GitHub huggingface/transformers, src/transformers/models/paligemma/convert_paligemma2_weights_to_hf.py "
+        "at 15ea02a2add1672acbeee158a9448720d6093de1 (pad 0, eos 1, bos 2, image_token_index 257152)",
+        "extracted",
+    ),
+    image_processor=Pinned(
+        "paligemma/preprocessor_config.json",
+        "6a95b351c016da050e0821591357e732cce182681a8c079ecf196c4943cabdfa",
+        "https://huggingface.co/onnx-community/paligemma2-3b-pt-896/blob/main/preprocessor_config.json "
+        "(8a33316, 425 B) with size 896 → 448 and image_seq_length 4096 → 1024, the 448 variant's values in the "
+        "converter above (patch 14: (448/14)^2 = 1024)",
+        "transcribed",
+    ),
+    has_chat_template=False,  # a prefix-LM: the pt checkpoints have none
+    unverified={
+        "special_tokens.adds_bos": "the pinned files do not say whether the tokenizer adds <bos> itself; the "
+        "processor writes it after the image tokens"
+    },
+)
 TARGET_PRESETS = {
     "decoder": r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
     "projector": r"model\.multi_modal_projector\.linear",
@@ -130,6 +154,14 @@ STAND_IN = {  # small dims; published processor class and token layout; 64-px in
     "text_intermediate": 128,
     "vocab_size": 600,  # BPE merges before the 256 byte-fallback tokens and the processor's 1,153 tokens
 }
+BUILD = 2  # bump when the builder's output changes, so stand-ins cached by an earlier build are rebuilt
+
+
+def checkpoint_settings() -> dict[str, Any]:
+    """paligemma2-3b-pt-448's input size under STAND_IN's names (for the rehearsal stand-in); SigLIP's patch 14
+    is from the converter (not pinned)."""
+    ip, _ = PUBLISHED.settings()
+    return {"image_size": ip["size"]["height"], "patch_size": 14}
 
 
 def build_tokenizer(vocab_size: int) -> Any:
@@ -155,7 +187,8 @@ def build_tokenizer(vocab_size: int) -> Any:
 def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
     """Build (or reuse, if the same spec) the tiny PaliGemma 2 stand-in in out_dir.
 
-    `published` overrides image_size / patch_size (and image_mean / image_std) with a real checkpoint's, for
+    Special tokens and image processor settings are the published ones (pinned); `published` overrides
+    image_size / patch_size (and image_mean / image_std) with a real checkpoint's (`checkpoint_settings`), for
     the rehearsal of a shipped config (448 / 14 → 1,024 image tokens); the dims stay tiny."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -164,18 +197,17 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
 
     s = stand_in_settings("PaliGemma", STAND_IN, published, ("image_mean", "image_std"))
     out_dir = Path(out_dir)
-    want = {"family": "paligemma", "seed": seed, **s}
+    want = {"family": "paligemma", "build": BUILD, "seed": seed, **s}
     if reuse_or_prepare(out_dir, want):
         return out_dir
     image_seq_length = (s["image_size"] // s["patch_size"]) ** 2
-    ip = SiglipImageProcessorPil(  # published preprocessor_config.json: SiglipImageProcessor, these settings
-        size={"height": s["image_size"], "width": s["image_size"]},
-        image_mean=s.get("image_mean", [0.5, 0.5, 0.5]),
-        image_std=s.get("image_std", [0.5, 0.5, 0.5]),
-        resample=3,  # bicubic
-        rescale_factor=1 / 255,
-        image_seq_length=image_seq_length,
-    )
+    kwargs = PUBLISHED.image_processor_kwargs()  # SiglipImageProcessor: bicubic, mean/std 0.5, ...
+    kwargs |= {k: s[k] for k in ("image_mean", "image_std") if k in s}
+    kwargs |= {
+        "size": {"height": s["image_size"], "width": s["image_size"]},
+        "image_seq_length": image_seq_length,
+    }
+    ip = SiglipImageProcessorPil(**kwargs)
     tok = build_tokenizer(s["vocab_size"])
     processor = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)  # adds <image> and <loc/seg> tokens
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS + [IMAGE_TOKEN]}
@@ -243,4 +275,5 @@ FAMILY = Family(
     prefix_lm=True,
     card_input_lines=CARD_INPUT_LINES,
     attn_implementation=attn_implementation,
+    published=(PUBLISHED,),
 )

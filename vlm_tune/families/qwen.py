@@ -35,6 +35,7 @@ from typing import Any
 from vlm_tune.errors import UserError
 from vlm_tune.families import Family
 from vlm_tune.families.image_only import image_only_class, load_image_only
+from vlm_tune.families.pinned import Pinned, Published
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -56,22 +57,58 @@ IMAGE_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image
 END_OF_TURN = "<|im_end|>"
 DECODER = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
-# Source: chat_template.json of Qwen/Qwen2.5-VL-7B-Instruct (same as Qwen2-VL-*-Instruct), copied verbatim.
-QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in "
-    "messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
-    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}{% if "
-    "content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = "
-    "image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
-    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
+# -- published values -----------------------------------------------------------------------------------
+QWEN2_5_VL_PUBLISHED = Published(
+    checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
+    chat_template=Pinned(
+        "qwen2.5-vl/chat_template.jinja",
+        "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
+        "GitHub huggingface/huggingface.js, packages/jinja/test/e2e.test.js at "
+        "fe42e68017ffc76d09922ea8f9b38a6964345710, key Qwen/Qwen2.5-VL-7B-Instruct (the 7B's text; the 3B's "
+        "chat_template.json is listed at 1.05 kB, this text JSON-encoded)",
+        "verbatim",
+    ),
+    tokens=Pinned(
+        "qwen2.5-vl/tokens.json",
+        "ca24d99b2a57483d699091d7af40730b4e95a2d1cdac3e43a16e92087f5ea136",
+        "the printed Qwen2.5-VL-7B-Instruct processor in GitHub Jeremy-lf/MLLM-Application, Qwen-02.md at "
+        "8df46bd4486c3c86f764052b39e0d73721308002 (the same tokenizer files as the 3B)",
+        "extracted",
+    ),
+    image_processor=Pinned(
+        "qwen2.5-vl/preprocessor_config.json",
+        "f2058c716eef96ccaed1cc1e2d0c08306b62586d535b28d9d08e691b2fab7ca0",
+        "https://huggingface.co/mlx-community/Qwen2.5-VL-3B-Instruct-6bit/blob/refs%2Fpr%2F1/"
+        "preprocessor_config.json (hub commit fdbabf2, 350 B, the size the 3B's duplicate lists)",
+        "transcribed",
+    ),
 )
-# Source: chat_template.json of Qwen/Qwen3-VL-8B-Instruct (the Instruct, non-thinking template), verbatim.
-# (5,292 bytes, sha256 3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4; a test checks it.)
+QWEN3_VL_PUBLISHED = Published(
+    checkpoint="Qwen/Qwen3-VL-2B-Instruct",
+    tokens=Pinned(
+        "qwen3-vl/tokens.json",
+        "ca34019221c24cc7daeb5f3c3c7f7dc1e1e6d3e054f8470976e2c5014afd42cc",
+        "https://huggingface.co/Chesscorner/Qwen3-VL-4B-nf4.process-float16/blob/main/tokenizer_config.json "
+        "(a Qwen3-VL re-save; strings only)",
+        "extracted",
+    ),
+    image_processor=Pinned(
+        "qwen3-vl/preprocessor_config.json",
+        "27225450ac9c6529872ee1924fcb0962ff5634834f817040f444118116f4e516",
+        "https://huggingface.co/coder3101/Qwen3-VL-2B-Instruct-heretic/blob/main/preprocessor_config.json "
+        "(e4ddada) and https://huggingface.co/hfmaster/Qwen3-VL-2B/blob/main/preprocessor_config.json (eb87926); "
+        "390 B, the size Qwen/Qwen3-VL-2B-Instruct lists",
+        "transcribed",
+    ),
+    unverified={
+        "chat_template": "not found (the hub lists chat_template.json, 5.5 kB, unseen); the stand-in uses "
+        "QWEN3_VL_CHAT_TEMPLATE, written from the Qwen3-VL-8B-Instruct template"
+    },
+)
+QWEN2_5_VL_CHAT_TEMPLATE = QWEN2_5_VL_PUBLISHED.template()
+# Unverified (no published copy pinned): the chat_template.json of Qwen/Qwen3-VL-8B-Instruct (the Instruct,
+# non-thinking template) as written down before the pinned copies; 5,292 bytes, sha256
+# 3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4 (a test keeps it from changing unnoticed).
 QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}
@@ -301,7 +338,7 @@ STAND_IN = {  # small dims; published processor classes and token layout; patch 
     "vision_depth": 2,
     "vision_hidden": 64,
     "vision_heads": 4,
-    "patch_size": 8,
+    "patch_size": 8,  # published 14 (Qwen2.5-VL), 16 (Qwen3-VL)
     "merge_size": 2,
     "temporal_patch_size": 2,
     "text_hidden": 128,
@@ -309,17 +346,32 @@ STAND_IN = {  # small dims; published processor classes and token layout; patch 
     "text_heads": 4,
     "text_kv_heads": 2,
     "text_intermediate": 256,
-    "min_pixels": 32 * 32,
-    "max_pixels": 128 * 128,
+    "min_pixels": 32 * 32,  # published 3,136 / 65,536
+    "max_pixels": 128 * 128,  # published 12,845,056 / 16,777,216
     "vocab_size": 800,
 }
+BUILD = 2  # bump when the builder's output changes, so stand-ins cached by an earlier build are rebuilt
+
+
+def checkpoint_settings(published: Published) -> dict[str, Any]:
+    """A checkpoint's published processor settings under STAND_IN's names (for the rehearsal stand-in)."""
+    ip = published.image_processor_kwargs()
+    size = ip.get("size") or {"shortest_edge": ip["min_pixels"], "longest_edge": ip["max_pixels"]}
+    return {
+        "patch_size": ip["patch_size"],
+        "merge_size": ip["merge_size"],
+        "temporal_patch_size": ip["temporal_patch_size"],
+        "min_pixels": size["shortest_edge"],
+        "max_pixels": size["longest_edge"],
+    }
 
 
 def _build(kind: str, out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
     """Build (or reuse, if the same spec) the tiny stand-in of `kind` ('qwen2_5_vl' or 'qwen3_vl') in out_dir.
 
-    `published` overrides processor settings (patch_size, merge_size, min_pixels, max_pixels, image_mean,
-    image_std) with a real checkpoint's, for the rehearsal of a shipped config; the dims stay tiny."""
+    Chat template, special tokens and image processor settings are the checkpoint's published ones (pinned);
+    `published` overrides the tiny dims (patch_size, merge_size, min_pixels, max_pixels; image_mean, image_std)
+    with a real checkpoint's (`checkpoint_settings`), for the rehearsal of a shipped config."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -327,24 +379,26 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0, **published: Any) -> P
 
     s = stand_in_settings("Qwen", STAND_IN, published, ("image_mean", "image_std"))
     out_dir = Path(out_dir)
-    want = {"family": kind, "seed": seed, **s}
+    want = {"family": kind, "build": BUILD, "seed": seed, **s}
     if reuse_or_prepare(out_dir, want):
         return out_dir
-    tok = build_tokenizer(s["vocab_size"], SPECIAL_TOKENS, eos="<|im_end|>", pad="<|endoftext|>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     qwen3 = kind == "qwen3_vl"
-    mean_std = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if qwen3 else {}  # Qwen2.5: CLIP's defaults
-    mean_std |= {k: s[k] for k in ("image_mean", "image_std") if k in s}
-    ip = Qwen2VLImageProcessorPil(
-        min_pixels=s["min_pixels"],
-        max_pixels=s["max_pixels"],
-        patch_size=s["patch_size"],
-        merge_size=s["merge_size"],
-        temporal_patch_size=s["temporal_patch_size"],
-        **mean_std,
-    )
+    record = QWEN3_VL_PUBLISHED if qwen3 else QWEN2_5_VL_PUBLISHED
+    names = record.special_tokens()  # bos: none
+    tok = build_tokenizer(s["vocab_size"], SPECIAL_TOKENS, eos=names["eos_token"], pad=names["pad_token"])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    kwargs = {
+        k: v for k, v in record.image_processor_kwargs().items() if k not in ("min_pixels", "max_pixels")
+    }
+    kwargs |= {
+        k: s[k]
+        for k in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
+        if k in s
+    }
+    kwargs["size"] = {"shortest_edge": s["min_pixels"], "longest_edge": s["max_pixels"]}
+    ip = Qwen2VLImageProcessorPil(**kwargs)
     proc_name = "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor"
-    template = QWEN3_VL_CHAT_TEMPLATE if qwen3 else QWEN2_5_VL_CHAT_TEMPLATE
+    template = QWEN3_VL_CHAT_TEMPLATE if qwen3 else record.template()
     processor = _image_only(getattr(transformers, proc_name))(
         image_processor=ip, tokenizer=tok, chat_template=template
     )
@@ -432,6 +486,7 @@ QWEN2_5_VL = Family(
     build_stand_in=lambda out_dir, seed=0, **published: _build("qwen2_5_vl", out_dir, seed, **published),
     load_processor=_loader("Qwen2_5_VLProcessor"),
     card_image_lines=card_image_lines,
+    published=(QWEN2_5_VL_PUBLISHED,),
 )
 
 QWEN3_VL = Family(
@@ -453,4 +508,5 @@ QWEN3_VL = Family(
     build_stand_in=lambda out_dir, seed=0, **published: _build("qwen3_vl", out_dir, seed, **published),
     load_processor=_loader("Qwen3VLProcessor"),
     card_image_lines=card_image_lines,
+    published=(QWEN3_VL_PUBLISHED,),
 )

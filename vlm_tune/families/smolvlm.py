@@ -6,6 +6,20 @@ presets are anchored). An image becomes tiles of `image_seq_len` `<image>` token
 `<fake_token_around_image>`, `<row_i_col_j>` and `<global-img>` markers; an answer ends with
 `<end_of_utterance>`. Resolution knobs: `model.image.longest_edge` → image processor `size`, `tile_size` →
 `max_image_size`, `do_image_splitting`. The offline stand-in is `vlm_tune.tiny` (`builtin:tiny`).
+
+Published values (pinned in `published/smolvlm/` and `published/smolvlm2/`, read by every SmolVLM stand-in:
+`builtin:tiny`, `builtin:smollm2-135m`, the rehearsal stand-ins and the benchmark shapes):
+- SmolVLM-256M-Instruct: the chat template (it renders list content only: a message whose content is a plain
+  string loses its text, so vlm-tune always builds content lists), bos `<|im_start|>` (written by the template
+  itself; the GPT-2 tokenizer adds nothing), eos `<end_of_utterance>`, pad `<|im_end|>`, unk `<|endoftext|>`,
+  generation ids (eos `<end_of_utterance>`, pad `<|im_end|>`, bos `<|endoftext|>`), the Idefics3 image
+  processor settings and image_seq_len 64. Its special_tokens_map.json names `<|im_end|>` as eos where
+  tokenizer_config.json says `<end_of_utterance>`; transformers 5 takes tokenizer_config.json's, as here.
+- SmolVLM-Instruct (2.2B): the same chat template (a byte-identical copy keyed by its id); no tokenizer or
+  processor file of it was found, so its tokens and processor settings are unverified.
+- SmolVLM2-256M-Video-Instruct: the SmolVLM image processor settings and image_seq_len 64; its chat template
+  and tokenizer files were not found (unverified): its stand-in uses transformers' SmolVLMProcessor template and
+  SmolVLM-256M's tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ from typing import Any
 
 from vlm_tune.errors import UserError
 from vlm_tune.families import Family
+from vlm_tune.families.pinned import Pinned, Published
 
 TARGET_PRESETS = {
     "decoder": r"model\.text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
@@ -25,6 +40,132 @@ VISION_MODULE = "model.vision_model"
 IMAGE_TOKENS = ("<image>", "<fake_token_around_image>", "<global-img>") + tuple(
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
 )
+
+
+# -- published values ---------------------------------------------------------------------------------------
+_XI_IX = "GitHub xi-ix/smolvlm_256m_ft, SmolVLM-256M-Instruct/{} at 0c7b2de5852fbaee6bb376c3f350c0dc0e306b9b"
+_HUB_SMOLVLM2 = "https://huggingface.co/HuggingFaceTB/SmolVLM2-256M-Video-Instruct/blob/"
+SMOLVLM_256M = Published(
+    checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct",
+    chat_template=Pinned(
+        "smolvlm/chat_template.json",
+        "a68ad1a42681ae44eacd109ff8dd56a840f761c03d72f4ff4c515d092f882168",
+        _XI_IX.format("chat_template.json") + " (the same text: GitHub huggingface/huggingface.js, "
+        "packages/jinja/test/e2e.test.js at fe42e68017ffc76d09922ea8f9b38a6964345710)",
+        "verbatim",
+    ),
+    tokens=Pinned(
+        "smolvlm/tokens.json",
+        "a169a051eb3af6d66b5991a1f584530f109d713041f67659981f4b18ecdabe1e",
+        "token strings and ids extracted from " + _XI_IX.format("tokenizer_config.json"),
+        "extracted",
+    ),
+    tokenizer_config=Pinned(
+        "smolvlm/tokenizer_config.json",
+        "36c6fd44d07d10fd8180ee6b46dcccf69fb7c06753968ff0d7e17b8bfe17b777",
+        _XI_IX.format("tokenizer_config.json"),
+        "verbatim",
+    ),
+    image_processor=Pinned(
+        "smolvlm/preprocessor_config.json",
+        "6cb6e36d6fcb88ca1502c4a26750715dc3e7dedddc9a8f17b27d8d167d1457e7",
+        _XI_IX.format("preprocessor_config.json"),
+        "verbatim",
+    ),
+    processor=Pinned(
+        "smolvlm/processor_config.json",
+        "e7bff42da73ae9eec9042ef20e066e11f1ee20f025358ff79131e3c0fb549b46",
+        _XI_IX.format("processor_config.json")
+        + " (hub page at 5f4a49800eeb99d3178822d32573b9314822b9ab agrees)",
+        "verbatim",
+    ),
+    generation=Pinned(
+        "smolvlm/generation_config.json",
+        "067a2a54e5f87162ecac6e0e911cc4665fc8f7f3324794ecbac0f76badb56636",
+        _XI_IX.format("generation_config.json"),
+        "verbatim",
+    ),
+)
+SMOLVLM_INSTRUCT = Published(
+    checkpoint="HuggingFaceTB/SmolVLM-Instruct",
+    chat_template=Pinned(
+        "smolvlm/chat_template.json",
+        SMOLVLM_256M.chat_template.sha256,  # type: ignore[union-attr]
+        "GitHub huggingface/huggingface.js, packages/jinja/test/e2e.test.js at "
+        "fe42e68017ffc76d09922ea8f9b38a6964345710, key HuggingFaceTB/SmolVLM-Instruct (byte-identical to the "
+        "256M's chat_template.json)",
+        "verbatim",
+    ),
+    unverified={
+        "special_tokens": "no tokenizer file of SmolVLM-Instruct was found; its stand-in uses SmolVLM-256M's",
+        "processor_settings": "no processor file of SmolVLM-Instruct was found; 384-px tiles, longest edge 1536 "
+        "and 81 tokens per tile are written from knowledge of the hub files (vlm_tune.shapes)",
+    },
+)
+SMOLVLM2 = Published(
+    checkpoint="HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+    image_processor=Pinned(
+        "smolvlm2/preprocessor_config.json",
+        "149e315d9410368e5491455bb06e0f763426e9e56cca731c13b24404a29b6374",
+        _HUB_SMOLVLM2 + "refs%2Fpr%2F6/preprocessor_config.json (hub commit 017ae74, 599 B)",
+        "transcribed",
+    ),
+    processor=Pinned(
+        "smolvlm2/processor_config.json",
+        "f3ad45028447b3562b4752be0d5916d6806c1ef589091a469608dcf0faa1737c",
+        _HUB_SMOLVLM2 + "refs%2Fpr%2F3/processor_config.json (hub commit e62441b, 67 B)",
+        "transcribed",
+    ),
+    unverified={
+        "chat_template": "not found (the hub lists chat_template.json, 430 B, unseen); the stand-in uses "
+        "transformers' SmolVLMProcessor default template",
+        "special_tokens": "no tokenizer file of SmolVLM2 was found; its stand-in uses SmolVLM-256M's tokens",
+    },
+)
+# SmolVLM's special tokens, in the order the offline tokenizer gives them ids: the first three at their published
+# ids (<|endoftext|> 0, <|im_start|> 1, <|im_end|> 2), then the image tokens and the end of an answer
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", *IMAGE_TOKENS]
+
+
+def build_tokenizer(vocab_size: int = 800) -> Any:
+    """The offline tokenizer (a BPE trained on chart-QA text) with SmolVLM-256M's published special tokens:
+    bos <|im_start|> (never added by the tokenizer: the template writes it), eos <end_of_utterance>, pad
+    <|im_end|>, unk <|endoftext|>."""
+    from vlm_tune.tiny import build_tokenizer as bpe
+
+    t = SMOLVLM_256M.special_tokens()
+    return bpe(
+        vocab_size,
+        SPECIAL_TOKENS,
+        eos=t["eos_token"],
+        pad=t["pad_token"],
+        unk=t["unk_token"],
+        bos_token=t["bos_token"],
+        add_bos_token=t["adds_bos"],
+    )
+
+
+def generation_ids(tokenizer: Any, published: Published = SMOLVLM_256M) -> dict[str, Any]:
+    """generation_config ids (bos_token_id, eos_token_id, pad_token_id) of the published checkpoint, in
+    `tokenizer`'s vocabulary."""
+    return {k: tokenizer.convert_tokens_to_ids(v) for k, v in published.generation_tokens().items()}
+
+
+def image_processor(published: Published = SMOLVLM_256M, **tiny: Any) -> Any:
+    """The checkpoint's published image processor (its PIL class), with `tiny` overrides (size,
+    max_image_size, do_image_splitting) for a stand-in's small dims."""
+    import importlib
+
+    import transformers
+
+    name = published.settings()[0]["image_processor_type"]  # Idefics3ImageProcessor / SmolVLMImageProcessor
+    module = "idefics3" if name.startswith("Idefics3") else "smolvlm"
+    try:  # the PIL class by its own name (no torchvision warning)
+        pil = importlib.import_module(f"transformers.models.{module}.image_processing_pil_{module}")
+        cls = getattr(pil, f"{name}Pil")
+    except (ImportError, AttributeError):  # older transformers
+        cls = getattr(transformers, name)
+    return cls(**(published.image_processor_kwargs() | tiny))
 
 
 def apply_image_settings(processor: Any, img: Any) -> None:
@@ -114,4 +255,5 @@ FAMILY = Family(
     load_processor=_load_processor,
     card_image_lines=card_image_lines,
     image_token_counts=image_token_counts,
+    published=(SMOLVLM_256M, SMOLVLM_INSTRUCT, SMOLVLM2),
 )
