@@ -22,10 +22,15 @@ def smolvlm2_processor(tmp_path_factory):
     return processor
 
 
-def test_processor_is_smolvlm_and_loads_without_torchvision(smolvlm2_processor):
+def test_processor_is_smolvlm_and_loads_without_torchvision(smolvlm2_processor, tmp_path):
+    from vlm_tune.smolvlm2 import auto_processor
+
     assert type(smolvlm2_processor).__name__ == "SmolVLMProcessor"
     assert type(smolvlm2_processor.image_processor).__name__.startswith("SmolVLMImageProcessor")
     assert smolvlm2_processor.image_seq_len == 64
+    smolvlm2_processor.save_pretrained(tmp_path)  # what every checkpoint and the final adapter do
+    again = auto_processor(str(tmp_path))
+    assert type(again).__name__ == "SmolVLMProcessor" and again.chat_template == smolvlm2_processor.chat_template
 
 
 @pytest.mark.parametrize("splitting", [False, True])

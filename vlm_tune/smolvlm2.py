@@ -34,14 +34,19 @@ def load_smolvlm_processor(path: str, revision: str | None, image_processor: Any
     AutoVideoProcessor returns a torchvision-only placeholder class there; the real SmolVLMVideoProcessor
     class loads its config fine (and is never run: frames go through the image processor).
     """
-    from transformers import SmolVLMProcessor
+    from transformers import AutoTokenizer, SmolVLMProcessor
     from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
     allow_video_processor_without_torchvision()
-    video_processor = SmolVLMVideoProcessor.from_pretrained(path, revision=revision)
-    return SmolVLMProcessor.from_pretrained(
-        path, revision=revision, image_processor=image_processor, video_processor=video_processor
-    )
+    parts = {
+        "image_processor": image_processor,
+        "tokenizer": AutoTokenizer.from_pretrained(path, revision=revision),
+        "video_processor": SmolVLMVideoProcessor.from_pretrained(path, revision=revision),
+    }
+    # not from_pretrained(..., video_processor=...): transformers 5.25 hands the keyword on to the tokenizer
+    # it loads first, which then cannot save its config
+    processor_dict, _ = SmolVLMProcessor.get_processor_dict(path, revision=revision)
+    return SmolVLMProcessor.from_dict(processor_dict, **parts)
 
 
 def auto_processor(path: str, revision: str | None = None) -> Any:
