@@ -30,7 +30,9 @@ def test_processor_is_smolvlm_and_loads_without_torchvision(smolvlm2_processor, 
     assert smolvlm2_processor.image_seq_len == 64
     smolvlm2_processor.save_pretrained(tmp_path)  # what every checkpoint and the final adapter do
     again = auto_processor(str(tmp_path))
-    assert type(again).__name__ == "SmolVLMProcessor" and again.chat_template == smolvlm2_processor.chat_template
+    assert (
+        type(again).__name__ == "SmolVLMProcessor" and again.chat_template == smolvlm2_processor.chat_template
+    )
 
 
 @pytest.mark.parametrize("splitting", [False, True])
