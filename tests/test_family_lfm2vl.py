@@ -347,9 +347,9 @@ def test_too_elongated_image_is_refused_before_step_0_naming_the_row(stand_in, p
 
 
 @pytest.mark.torchvision
-def test_the_real_class_fails_on_the_image_the_preflight_refuses():
+def test_the_real_class_fails_on_the_image_the_preflight_refuses(port):
     from transformers.models.lfm2_vl.image_processing_lfm2_vl import Lfm2VlImageProcessor
 
-    s = {k: lfm2vl.STAND_IN[k] for k in SETTINGS}
+    s = {k: getattr(port, k) for k in SETTINGS}  # the stand-in's settings, as the test above refuses under
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
         Lfm2VlImageProcessor(**s)([image(2000, 100), image(64, 64)], return_tensors="pt")
