@@ -5,11 +5,16 @@
 # 1. installs the carried wheels (.whl/: transformers, peft, datasets, trl, pydantic, ...) beside the machine's torch;
 # 2. runs the product commands as a user types them: `vlm-tune train` (baselines untrained + majority, eval during
 #    training, final eval), `vlm-tune eval`, `vlm-tune predict`, `vlm-tune merge`;
-# 3. asserts from every written metrics.json that each model evaluation ran on the expected device
-#    (cuda:0 / cpu); the majority baseline has no model (device null);
-# 4. (cuda) the `gpu` tests, scripts/bench_gpu.py and scripts/bench_train.py in the time left.
-# Writes $OUT/summary.json (one file: device, per-command exit codes and times, every evaluation's metrics) and
-# a log per step. Exit 0 only when every product command succeeded and every evaluation ran on the device.
+#    then `vlm-tune push --merged` to a local folder and runs the pushed model card's own snippet;
+# 3. (cuda) the `gpu` tests (SmolVLM and a Qwen stand-in: bf16/fp16 LoRA, full fine-tuning, QLoRA): part of the
+#    verdict;
+# 4. asserts that every model evaluation (every metrics.json: `devices` of all parameters and buffers), the
+#    `predict` answer (its JSON line) and the merge (merged/merge.json) ran on the expected device (cuda / cpu)
+#    only; the majority baseline has no model (device null);
+# 5. (cuda) scripts/bench_gpu.py and scripts/bench_train.py in the time left, after the verdict is written.
+# Writes $OUT/summary.json (one file: device, per-command exit codes and times, every evaluation's metrics,
+# where predict and merge ran) and a log per step. Exit 0 only when every product command and the snippet
+# succeeded, the gpu tests passed (cuda) and everything ran on the device.
 set -uo pipefail
 DEVICE=cuda
 while [ $# -gt 0 ]; do
@@ -92,40 +97,25 @@ cfg = load_config('$CFG')
 load_split(cfg.data, 'test', cfg.model.cache_dir).row(0)['images'][0].save('$WORK/chart.png')" || ok=0
 step predict 120 vlm-tune predict --adapter "$RUN/final" --image "$WORK/chart.png" --question "How many bars are there?" --json || ok=0
 step merge 150 vlm-tune merge "$RUN/final" "$RUN/merged" || ok=0
+step push 60 vlm-tune push "$RUN" --repo-id "$WORK/pushed" --merged || ok=0
+# the pushed card's snippet, as a user copies it: loads the pushed folder and answers about the chart
+"$PY" - "$WORK/pushed/README.md" "$WORK/pushed" "$WORK/chart.png" "$WORK/snippet.py" <<'PY' || ok=0
+import re, sys
+card, repo, chart, out = open(sys.argv[1]).read(), sys.argv[2], sys.argv[3], sys.argv[4]
+code = re.search(r"^(`{3,})python\n(.*?)\n\1$", card, re.S | re.M).group(2)
+code = code.replace('repo = "ORG/NAME"', f"repo = {repo!r}").replace('"chart.png"', repr(chart))
+open(out, "w").write(code)
+PY
+step snippet 150 "$PY" "$WORK/snippet.py" || ok=0
+if [ "$DEVICE" = cuda ]; then  # part of the verdict: a failing gpu test fails the check
+  step gpu_tests 150 "$PY" -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider || ok=0
+fi
 
-# every evaluation's metrics.json: a model evaluation must have run on the device
-"$PY" - "$RUN" "$DEVICE" "$STEPS" "$OUT/summary.json" "$ok" <<'EOF' || ok=0
-import json, sys
-from pathlib import Path
-
-run, device, steps, summary, ok = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]), sys.argv[5] == "1"
-evals, problems = {}, []
-for path in sorted(run.glob("eval/*/metrics.json")):
-    m = json.loads(path.read_text())
-    keep = ("device", "dtype", "rows", "wall_s", "answers_per_s", "n", "exact_match", "relaxed_accuracy")
-    evals[path.parent.name] = {k: m.get(k) for k in keep}
-    if path.parent.name == "majority":
-        if m.get("device") is not None:
-            problems.append(f"majority: device {m.get('device')!r}, expected null (no model)")
-    elif not str(m.get("device")).startswith(device):
-        problems.append(f"{path.parent.name}: ran on {m.get('device')!r}, expected {device}")
-for name in ("untrained", "majority", "during", "final", "cli"):
-    if name not in evals:
-        problems.append(f"eval/{name}/metrics.json missing")
-commands = [dict(zip(("step", "rc", "seconds"), line.split("\t"))) for line in Path(steps).read_text().splitlines()]
-problems += [f"{c['step']} exited {c['rc']}" for c in commands if c["rc"] != "0"]
-merged = (run / "merged" / "config.json").is_file()
-if not merged:
-    problems.append("merge wrote no merged/config.json")
-out = {"device": device, "ok": ok and not problems, "problems": problems, "commands": commands, "evaluations": evals}
-summary.write_text(json.dumps(out, indent=2) + "\n")
-print(json.dumps(out, indent=2))
-sys.exit(0 if out["ok"] else 1)
-EOF
+# the verdict: every evaluation, predict and merge ran on the device, every step exited 0 (scripts/gpu_verdict.py)
+"$PY" scripts/gpu_verdict.py "$RUN" "$DEVICE" "$STEPS" "$OUT/summary.json" "$ok" || ok=0
 
 if [ "$DEVICE" = cuda ]; then  # benches in the time left (each bounded), after the proof is written
   left() { echo $((BUDGET - SECONDS)); }
-  [ "$(left)" -gt 60 ] && timeout 90 "$PY" -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider -x > "$OUT/gpu_tests.log" 2>&1; tail -5 "$OUT/gpu_tests.log" 2>/dev/null
   if [ "$(left)" -gt 120 ]; then
     B=$(( $(left) - 80 )); [ "$B" -gt 200 ] && B=200
     timeout "$((B + 40))" "$PY" scripts/bench_gpu.py --shape smolvlm-256m --time-budget "$B" --cache-dir "$WORK/cache" \

@@ -4,6 +4,7 @@ import json
 import weakref
 
 import pytest
+import torch
 
 from .conftest import tiny_cfg
 
@@ -77,6 +78,7 @@ def test_train_evals_record_device_and_hold_one_batch(cache_dir, tmp_path, monke
     for name in ("untrained", "final"):
         m = json.loads((run / "eval" / name / "metrics.json").read_text())
         assert (m["device"], m["dtype"], m["rows"]) == ("cpu", "float32", 8)
+        assert m["devices"] == ["cpu"]  # every parameter and buffer, not only the first
         assert m["wall_s"] > 0 and m["answers_per_s"] > 0
     majority = json.loads((run / "eval" / "majority" / "metrics.json").read_text())
     assert majority["device"] is None and majority["rows"] == 8  # no model
@@ -122,3 +124,27 @@ def test_qlora_adapter_is_evaluated_on_its_4bit_base(cache_dir, tmp_path):
     assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
     merged = merge(run / "final", tmp_path / "merged")  # merging loads the unquantised base
     assert not json.loads((merged / "config.json").read_text()).get("quantization_config")
+    record = json.loads((merged / "merge.json").read_text())  # where the merge ran, for gpu_check.sh
+    assert record["devices"] == ["cpu"] and record["dtype"] == "float32"
+
+
+def test_tensor_devices_sees_every_parameter_and_buffer():
+    """A model whose first parameter is on the device but a buffer is not: both devices are reported."""
+    from vlm_tune.runtime import tensor_devices
+
+    model = torch.nn.Linear(2, 2)
+    assert tensor_devices(model) == ["cpu"]
+    model.register_buffer("elsewhere", torch.zeros(1, device="meta"))
+    assert tensor_devices(model) == ["cpu", "meta"]
+
+
+def test_predict_json_lines_say_where_the_model_ran(lora_run, tmp_path, capsys):
+    from PIL import Image
+
+    from vlm_tune.cli import main
+
+    Image.new("RGB", (64, 64), (0, 160, 40)).save(tmp_path / "c.png")
+    argv = ["predict", "--adapter", str(lora_run / "final"), "--image", str(tmp_path / "c.png")]
+    assert main([*argv, "--question", "How many bars?", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["devices"] == ["cpu"] and line["dtype"] == "float32" and "answer" in line

@@ -85,3 +85,21 @@ def test_batched_generation_matches_on_cuda(lora_run):
     assert generate_answers(model, processor, collator, rows, 1, 4) == generate_answers(
         model, processor, collator, rows, 8, 4
     )
+
+
+def test_qwen_stand_in_trains_and_evaluates_on_cuda(cache_dir, tmp_path):
+    """A family besides SmolVLM (Qwen2.5-VL: flattened patches, the projector inside the vision tower) through
+    train + baselines + eval in the auto dtype; every parameter and buffer of every evaluation on the GPU."""
+    from vlm_tune.families import all_families
+    from vlm_tune.runtime import hardware
+    from vlm_tune.train import train
+
+    qwen = next(f for f in all_families() if f.name == "qwen2.5-vl")
+    model_dir = qwen.build_stand_in(tmp_path / "qwen")
+    run = train(tiny_cfg(cache_dir, tmp_path / "run", f"model.name_or_path={model_dir}", "train.max_steps=3"))
+    assert _finite_losses(run)
+    expected = "bfloat16" if hardware().bf16 else "float16"
+    for name in ("untrained", "final"):
+        m = _metrics(run, name)
+        assert m["devices"] and all(d.startswith("cuda") for d in m["devices"]), (name, m["devices"])
+        assert m["dtype"] == expected

@@ -718,3 +718,68 @@ def test_model_card_says_when_no_versions_were_recorded_and_names_the_pil_backen
     card = build_model_card(run_dir)
     assert "| torch | 2.13.0 (CPU build) |" in card and "| torchvision | not installed |" in card
     assert "| image processors | pil |" in card and "PIL image processors" in card
+
+
+# --------------------------------------------------------------------------------------------- card precision
+def test_card_snippet_loads_in_the_dtype_the_run_was_evaluated_in(tmp_path):
+    """`dtype: auto` resolves per machine: the card loads the base in the dtype the final evaluation ran in
+    (bfloat16 on the GPU that trained it), not float32; a concrete model.dtype is used as configured."""
+    import copy
+
+    auto = copy.deepcopy(CONFIG)
+    auto["model"]["dtype"] = "auto"
+    metrics = copy.deepcopy(METRICS)
+    metrics["final"]["dtype"] = "bfloat16"
+    code = python_block(build_model_card(make_run(tmp_path / "a", auto, metrics), REPO))
+    assert f'from_pretrained("{BASE}", dtype=torch.bfloat16)' in code
+    metrics["final"]["dtype"] = "float32"  # evaluated on a CPU
+    code = python_block(build_model_card(make_run(tmp_path / "b", auto, metrics), REPO))
+    assert f'from_pretrained("{BASE}", dtype=torch.float32)' in code
+    fp16 = copy.deepcopy(CONFIG)
+    fp16["model"]["dtype"] = "float16"
+    code = python_block(build_model_card(make_run(tmp_path / "c", fp16, metrics), REPO))
+    assert f'from_pretrained("{BASE}", dtype=torch.float16)' in code
+
+
+@pytest.mark.slow
+def test_qlora_card_snippet_loads_the_4bit_base_and_answers_like_vlm_tune(cache_dir, tmp_path):
+    """A QLoRA adapter was trained and evaluated on a 4-bit base: the card's snippet loads that base in 4-bit
+    (the same BitsAndBytesConfig) and gives vlm-tune's own answer (bitsandbytes runs 4-bit on CPU)."""
+    from PIL import Image
+
+    from tests.conftest import tiny_cfg
+    from vlm_tune.hub import push
+    from vlm_tune.inference import load_for_inference, predict
+    from vlm_tune.metrics import clean_generation
+    from vlm_tune.train import train
+
+    run = train(tiny_cfg(cache_dir, tmp_path / "q", "train.method=qlora", "train.max_steps=2"))
+    dest = tmp_path / "pushed"
+    push(run, str(dest))
+    snippet = python_block((dest / "README.md").read_text())
+    assert "BitsAndBytesConfig(" in snippet and "quantization_config=bnb" in snippet
+    assert "bitsandbytes" in (dest / "README.md").read_text().split("## Use it", 1)[1].split("```", 1)[0]
+    image = tmp_path / "chart.png"
+    Image.new("RGB", (64, 64), (0, 160, 40)).save(image)
+    question = "How many bars are there?"
+    snippet = snippet.rsplit("\nprint(", 1)[0].replace(
+        "skip_special_tokens=True", "skip_special_tokens=False"
+    )
+    snippet += "\nprint(type(model.base_model.model.model.text_model.layers[0].self_attn.q_proj.base_layer).__name__)"
+    snippet += f"\nprint(repr(answer([Image.open({str(image)!r}).convert('RGB')], {question!r})))\n"
+    (tmp_path / "snippet.py").write_text(snippet.replace('repo = "ORG/NAME"', f"repo = {str(dest)!r}"))
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "snippet.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    layer, answer = r.stdout.strip().splitlines()[-2:]
+    assert layer == "Linear4bit"
+    model, processor, prompt = load_for_inference(run / "final")
+    expected = predict(
+        model, processor, prompt, [{"images": [Image.open(image).convert("RGB")], "question": question}]
+    )
+    assert clean_generation(ast.literal_eval(answer)) == expected[0]

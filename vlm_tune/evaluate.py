@@ -109,7 +109,7 @@ def evaluate(
     `generate` replaces `generate_answers` (same signature: the sharded one under several processes);
     write=False returns the metrics without writing files (ranks other than 0).
     """
-    from vlm_tune.runtime import compute_dtype, dtype_name, model_device
+    from vlm_tune.runtime import compute_dtype, dtype_name, model_device, tensor_devices
 
     t0 = time.perf_counter()
     preds = (generate or generate_answers)(
@@ -119,6 +119,7 @@ def evaluate(
     texts = rows.texts() if hasattr(rows, "texts") else rows
     run = {
         "device": str(model_device(model)),
+        "devices": tensor_devices(model),  # of every parameter and buffer, not only the first
         "dtype": dtype_name(compute_dtype(model)),
         "rows": len(preds),
         "wall_s": round(wall, 3),

@@ -257,11 +257,38 @@ def _software_section(evals: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: Family) -> list[str]:
+def _snippet_dtype(cfg: dict[str, Any], evaluated: str | None) -> str:
+    """The dtype the card loads the model in: the run's own (`model.dtype`, or for `auto` the dtype its
+    final evaluation ran in, as metrics.json recorded it), so the snippet answers like the evaluated model."""
+    configured = (cfg.get("model") or {}).get("dtype")
+    for name in (configured, evaluated):
+        if name in ("float32", "bfloat16", "float16"):
+            return name
+    return "float32"
+
+
+def _quantization_lines(dtype: str, fam: Family) -> list[str]:
+    """`bnb = BitsAndBytesConfig(...)`: the 4-bit settings vlm-tune trained and evaluated a QLoRA run with."""
+    import torch
+
+    from vlm_tune.model import quantization_config
+
+    q = quantization_config(getattr(torch, dtype), fam)
+    return [
+        "bnb = BitsAndBytesConfig(  # the 4-bit base this QLoRA adapter was trained and evaluated on",
+        f"    load_in_4bit=True, bnb_4bit_quant_type={q.bnb_4bit_quant_type!r}, "
+        f"bnb_4bit_use_double_quant={q.bnb_4bit_use_double_quant},",
+        f"    bnb_4bit_compute_dtype=torch.{dtype}, llm_int8_skip_modules={list(q.llm_int8_skip_modules)!r},",
+        ")",
+    ]
+
+
+def _snippet(
+    repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: Family, evaluated: str | None = None
+) -> list[str]:
     model_cfg = cfg.get("model") or {}
-    dtype = (
-        model_cfg.get("dtype") if model_cfg.get("dtype") in ("float32", "bfloat16", "float16") else "float32"
-    )
+    dtype = _snippet_dtype(cfg, evaluated)
+    qlora = is_adapter and (cfg.get("train") or {}).get("method") == "qlora"
     image = model_cfg.get("image") or {}
     code = [
         "import json",
@@ -273,7 +300,8 @@ def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: F
     ]
     code += ["from peft import PeftModel"] if is_adapter else []
     code += [
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor"
+        + (", BitsAndBytesConfig" if qlora else ""),
         "",
         f"repo = {json.dumps(repo)}",
         "path = repo if Path(repo).is_dir() else snapshot_download(repo)",
@@ -281,14 +309,23 @@ def _snippet(repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: F
         "processor = AutoProcessor.from_pretrained(path)",
     ]
     code += fam.card_image_lines(image)  # the family's resolution knobs, as vlm-tune set them
-    if is_adapter:
+    if qlora:
+        code += _quantization_lines(dtype, fam)
+        code += [
+            'device = "cuda" if torch.cuda.is_available() else "cpu"',
+            f"model = AutoModelForImageTextToText.from_pretrained({json.dumps(base)}, dtype=torch.{dtype}, "
+            'quantization_config=bnb, device_map={"": device})',
+            "model = PeftModel.from_pretrained(model, path).eval()",
+        ]
+    elif is_adapter:
         code += [
             f"model = AutoModelForImageTextToText.from_pretrained({json.dumps(base)}, dtype=torch.{dtype})",
             "model = PeftModel.from_pretrained(model, path).eval()",
         ]
     else:
         code.append(f"model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.{dtype}).eval()")
-    code.append('model = model.to("cuda" if torch.cuda.is_available() else "cpu")')
+    if not qlora:  # a 4-bit model is placed where it was loaded
+        code.append('model = model.to("cuda" if torch.cuda.is_available() else "cpu")')
     code += [
         "",
         "",
@@ -393,9 +430,13 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, merged: bo
     lines += _training_section(cfg, adapter)
     lines += _software_section(evals)
     needs = "`transformers`, `peft`, `torch`" if is_adapter else "`transformers`, `torch`"
+    if is_adapter and method == "qlora":
+        needs += ", `bitsandbytes`"
     lines += ["## Use it", "", f"Needs {needs} and `pillow` (no vlm-tune):", ""]
     fam = _run_family(run_dir / "final")
-    lines += _code_block("\n".join(_snippet(repo_id or "ORG/NAME", base, cfg, is_adapter, fam)), "python")
+    evaluated = (evals.get("final") or {}).get("dtype")
+    snippet = _snippet(repo_id or "ORG/NAME", base, cfg, is_adapter, fam, evaluated)
+    lines += _code_block("\n".join(snippet), "python")
     if merged:
         lines += [
             "",

@@ -229,11 +229,14 @@ def predict_cli(args: Any) -> int:
             except BadRow as err:  # names the file: "--image x.png: image file x.png cannot be decoded (...)"
                 raise UserError(f"{flag} {value}: {err.detail}") from None
         items.append({"images": images, "question": args.question, "id": "0"})
+    from vlm_tune.runtime import compute_dtype, dtype_name, tensor_devices
+
     model, processor, prompt = load_for_inference(args.adapter)
     answers = predict(model, processor, prompt, items, args.max_new_tokens)
+    where = {"devices": tensor_devices(model), "dtype": dtype_name(compute_dtype(model))}
     for item, answer in zip(items, answers, strict=True):
         if args.json or args.batch:
-            print(json.dumps({"id": item["id"], "question": item["question"], "answer": answer}))
+            print(json.dumps({"id": item["id"], "question": item["question"], "answer": answer} | where))
         else:
             print(answer)
     return 0
@@ -246,11 +249,17 @@ def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         raise UserError(
             f"{adapter_dir}: no adapter_config.json; pass a LoRA adapter directory (RUN_DIR/final)"
         )
+    from vlm_tune.runtime import compute_dtype, dtype_name, tensor_devices
+
     model, processor, _ = load_for_inference(adapter_dir, for_merge=True)  # on the runtime's device
     merged = model.merge_and_unload()
+    # where the merge ran (every parameter's device, the compute dtype): merged/merge.json
+    record = {"adapter": str(adapter_dir), "devices": tensor_devices(merged)}
+    record["dtype"] = dtype_name(compute_dtype(merged))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
+    (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
     processor.save_pretrained(tmp)
     make_portable(tmp)
     for name in ("prompt.json", "config.yaml"):

@@ -156,6 +156,13 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def tensor_devices(model: Any) -> list[str]:
+    """Every device holding one of the model's parameters or buffers (sorted): one entry when it all sits
+    where `model_device` says, more when part of it was left elsewhere (offloading, a missed buffer)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sorted({str(t.device) for t in tensors})
+
+
 def compute_dtype(model: Any) -> torch.dtype:
     """The dtype its matmuls run in: the base weights' half dtype if any, else float32.
 
