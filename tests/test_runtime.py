@@ -210,3 +210,21 @@ def test_every_family_loads_its_image_processor_in_the_decided_backend(monkeypat
         path = path or fam.build_stand_in(tmp_path / fam.name)
         ip = load_processor(str(path)).image_processor
         assert isinstance(ip, PilBackend), (fam.name, type(ip).__name__)
+
+
+def test_fsdp_launch_leaves_placement_to_accelerate(cache_dir, monkeypatch):
+    """Under `accelerate launch` with FSDP the base is not moved whole onto the device before sharding: a
+    runtime whose device is `meta` (a stand-in for a GPU that cannot hold the model) is not applied."""
+    from vlm_tune.model import load_model
+    from vlm_tune.runtime import Runtime
+    from vlm_tune.tiny import ensure_tiny_model
+
+    path = str(ensure_tiny_model(cache_dir / "tiny-model"))
+    cfg = tiny_cfg(cache_dir, cache_dir / "unused")
+    meta = Runtime(device=torch.device("meta"), dtype="float32")
+    moved = load_model(path, cfg, meta)
+    assert {p.device.type for p in moved.parameters()} == {"meta"}  # without FSDP: moved as a whole
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    kept = load_model(path, cfg, meta)
+    assert {p.device.type for p in kept.parameters()} == {"cpu"}  # accelerate shards it later
+    assert {p.dtype for p in kept.parameters()} == {torch.float32}

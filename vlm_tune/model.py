@@ -25,7 +25,13 @@ from vlm_tune.families import (
 )
 from vlm_tune.families.smolvlm import TARGET_PRESETS, VISION_MODULE  # noqa: F401  (SmolVLM's, re-exported)
 from vlm_tune.real_decoder import BUILTIN_SMOLLM2
-from vlm_tune.runtime import DTYPES, Runtime, cast_trainable_to_fp32, for_config  # noqa: F401 (DTYPES: scripts)
+from vlm_tune.runtime import (  # noqa: F401 (DTYPES: scripts)
+    DTYPES,
+    Runtime,
+    cast_trainable_to_fp32,
+    for_config,
+    fsdp_launch,
+)
 
 
 def lora_target_regex(targets: list[str] | str, presets: dict[str, str] | None = None) -> str:
@@ -127,7 +133,9 @@ def quantization_config(compute_dtype: torch.dtype, fam: Family | None = None) -
 
 
 def load_model(path: str, cfg: Config, rt: Runtime | None = None) -> Any:
-    """The base model in the resolved dtype, on the runtime's device; 4-bit NF4 for qlora."""
+    """The base model in the resolved dtype, on the runtime's device; 4-bit NF4 for qlora. Under an FSDP
+    launch it stays where from_pretrained put it (CPU, or meta on ranks > 0 with cpu_ram_efficient_loading):
+    accelerate moves each rank's shard, never the whole model, onto its GPU."""
     from transformers import AutoModelForImageTextToText
 
     fam = model_family(path, cfg)
@@ -146,7 +154,9 @@ def load_model(path: str, cfg: Config, rt: Runtime | None = None) -> Any:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except OSError as err:
         raise UserError(f"model {path!r} could not be loaded: {err}") from None
-    return model if quantized else model.to(rt.device)
+    if quantized or fsdp_launch():  # 4-bit: placed while loading; FSDP: accelerate shards it onto the GPUs
+        return model
+    return model.to(rt.device)
 
 
 def setup_training(model: Any, cfg: Config) -> Any:

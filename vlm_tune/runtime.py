@@ -119,6 +119,15 @@ def precision_problems(dtype: str, method: str, hw: Hardware) -> list[str]:
     return problems
 
 
+def fsdp_launch() -> bool:
+    """Launched by accelerate with FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml`).
+
+    Then accelerate places and shards the model: it must not be moved whole onto each GPU first (with
+    `fsdp_cpu_ram_efficient_loading`, ranks other than 0 even load it on the meta device).
+    """
+    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+
+
 _DETECTED: Hardware | None = None
 
 
