@@ -35,7 +35,14 @@ parse as numbers in both.
 
 Percent choice (robust): a trailing ``%`` is a unit, so "62%" may stand for 62 *or* for 0.62;
 both readings are tried on each side that carries a percent sign and the answer is correct
-when any pairing is within tolerance. So "62" == "62%" == "0.62".
+when any pairing is within tolerance. So "62" == "62%" == "0.62" (and "2%" == "2", which
+VLMEvalKit#1313 reports its harness scoring wrong). Units: only currency signs and ``%`` are
+read; a unit word is never stripped ("5 million" vs "5" is wrong under every variant).
+
+Harness variants (the ``score`` of an evaluation protocol, :mod:`vlm_tune.protocols`), both built on
+:func:`pix2struct_correct` (the strict check): :func:`lmms_eval_relaxed` (lmms-eval: first gold only,
+nothing stripped) and :func:`vlmevalkit_relaxed` (VLMEvalKit: prediction stripped, max over the gold
+answers of its table's answer cell). ``tests/test_protocols.py`` pins every variant on the same cases.
 """
 
 from __future__ import annotations
