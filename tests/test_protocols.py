@@ -215,3 +215,80 @@ def test_rescore_same_generations_under_each_protocol(lora_run_copy):
     ).read_text()
     assert "A: protocol vlm-tune · B: protocol lmms-eval (generations of protocol vlm-tune, rescored)" in html
     assert "Protocol score" in html
+
+
+def test_per_split_scores_for_every_protocol(tmp_path):
+    """ChartQA's human / augmented splits are scored apart under each protocol, in metrics and exports."""
+    from vlm_tune.evaluate import score
+    from vlm_tune.export import write_exports
+    from vlm_tune.metrics import aggregate
+
+    rows = [
+        {"id": "h0", "question": "q?", "answers": ["2"], "split": "human"},
+        {"id": "h1", "question": "q?", "answers": ["Yes"], "split": "human"},
+        {"id": "a0", "question": "q?", "answers": ["1,000"], "split": "augmented"},
+    ]
+    raws = [" 2", "Yes.", "1000"]
+    expected = {  # (human, augmented) under each protocol's post-processing and metric
+        "vlm-tune": (1.0, 1.0),
+        "lmms-eval": (0.5, 0.0),  # " 2" parses (float ignores the space); "Yes." and "1000" do not match
+        "vlmevalkit": (0.5, 0.0),
+    }
+    for name, (human, augmented) in expected.items():
+        records = score(rows, raws, name, raw=True, doc_ids=[5, 6, 7])
+        by_split = aggregate(records)["by_split"]
+        assert (by_split["human"]["score"], by_split["augmented"]["score"]) == (human, augmented), name
+    records = score(rows, raws, "lmms-eval", raw=True, doc_ids=[5, 6, 7])
+    metrics = {"protocol": resolve("lmms-eval", None, None, "{question}", 16).record()}
+    files = write_exports(tmp_path, records, metrics, ["lmms-eval", "vlmevalkit"])
+    results = json.loads((tmp_path / files[1]).read_text())["results"]["chartqa"]
+    assert (results["relaxed_human_split,none"], results["relaxed_augmented_split,none"]) == (0.5, 0.0)
+    samples = [json.loads(x) for x in (tmp_path / files[0]).read_text().splitlines()]
+    assert [s["doc"]["type"] for s in samples] == ["human_test", "human_test", "augmented_test"]
+    assert [s["doc_id"] for s in samples] == [5, 6, 7] and samples[0][
+        "input"
+    ] == "q?\nAnswer the question with a single word."
+    acc = (tmp_path / files[3]).read_text().splitlines()
+    assert acc == ["test_augmented,test_human,Overall", "0.0000,50.0000,33.3333"]
+
+
+def test_protocol_prompt_and_decoding_reach_generation(tiny_dir, processor, tmp_path):
+    """evaluate() hands generation the protocol's prompt and token budget and scores its post-processing."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from vlm_tune.data.collate import make_collator
+    from vlm_tune.evaluate import evaluate
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    collator = make_collator(processor, "Be brief.", "{question}\nAnswer with a single word or number.")
+    rows = [{"id": "r", "question": "How many bars?", "answers": ["3"], "images": [Image.new("RGB", (8, 8))]}]
+    seen = {}
+
+    def fake_generate(model, processor, collator, rows, batch_size, max_new_tokens, progress, postprocess):
+        seen.update(collator=collator, max_new_tokens=max_new_tokens)
+        return [postprocess(" 3.<end_of_utterance><end_of_utterance>") for _ in rows]
+
+    m = evaluate(
+        model, processor, collator, rows, tmp_path / "v", 4, 5, generate=fake_generate, protocol="vlmevalkit"
+    )
+    assert seen["max_new_tokens"] == 2048 and seen["collator"].system is None
+    assert seen["collator"].user_template == resolve("vlmevalkit", "idefics3", None, "", 1).user_template
+    assert m["protocol"]["model_specific_prompt"].startswith("VLMEvalKit SmolVLM wrapper")
+    rec = json.loads((tmp_path / "v" / "predictions.jsonl").read_text())
+    assert (rec["raw"], rec["prediction"], rec["score"], rec["doc_id"]) == (" 3.", "3.", 1.0, 0)
+    m = evaluate(model, processor, collator, rows, tmp_path / "t", 4, 5, generate=fake_generate)
+    assert seen["collator"] is collator and seen["max_new_tokens"] == 5  # vlm-tune: the run's own, unchanged
+    assert m["protocol"]["differs_from_training"] is False and m["score"] == 1.0
+
+
+@pytest.mark.slow
+def test_base_model_zero_shot_under_a_protocol(cache_dir, tmp_path):
+    """`vlm-tune eval --base --protocol lmms-eval`: a plain model, no adapter (the published-number path)."""
+    from vlm_tune.inference import run_eval
+
+    from .conftest import tiny_cfg
+
+    m = run_eval(tiny_cfg(cache_dir, tmp_path / "run"), base=True, limit=2, protocol="lmms-eval")
+    assert m["n"] == 2 and m["protocol"]["name"] == "lmms-eval" and m["protocol"]["harness_model"] is None
+    assert (tmp_path / "run" / "eval" / "base" / "predictions.jsonl").is_file()
