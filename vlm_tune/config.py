@@ -261,8 +261,7 @@ class EvalSection(Section):
         "the final eval: vlm-tune (the training prompt), lmms-eval, vlmevalkit (vlm_tune/protocols.py).",
     )
     export: list[Literal["lmms-eval", "vlmevalkit"]] = Field(
-        default_factory=list,
-        description="Also write these harnesses' sample/prediction files beside predictions.",
+        [], description="Also write these harnesses' files."
     )
 
 

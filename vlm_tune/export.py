@@ -85,6 +85,8 @@ def export_lmms_eval(out_dir: Path, records: list[dict[str, Any]], metrics: dict
         }
         lines.append(json.dumps(sample, ensure_ascii=False) + "\n")
     folder = Path(out_dir) / "lmms-eval"
+    for stale in [*folder.glob("*_samples_chartqa.jsonl"), *folder.glob("*_results.json")]:
+        stale.unlink()  # an earlier export of this evaluation directory: its files would no longer match
     samples = folder / f"{date_id}_samples_chartqa.jsonl"
     _write(samples, "".join(lines))
     task = {"alias": "chartqa"} | {f"{k},none": _mean(v) for k, v in buckets.items() if v}

@@ -15,6 +15,10 @@ release) `vlmeval/dataset/image_vqa.py` (ImageVQADataset.build_prompt), `vlmeval
 (process_line, relaxed_correctness, hit_calculate) and `vlmeval/vlm/smolvlm.py` (build_prompt_chartqa, read at
 commits 23757c43 and 0140aceb).
 
+lmms-eval's task scores the backend's response as given: its generic `huggingface` chat backend (the one for
+families without a dedicated backend, SmolVLM among them) decodes with special tokens skipped and strips nothing,
+so an answer generated after SmolVLM's "Assistant:" keeps its leading space; some dedicated backends strip.
+
 Model-specific prompts, kept here with the model types they apply to:
 - lmms-eval picks a task's model-specific prompt by the `--model` backend name (`api/task.py`,
   `_prepare_model_specific_config`). ChartQA's only one is `qwen_vl` (" Answer:"), the backend of the first
@@ -119,7 +123,7 @@ PROTOCOLS: dict[str, Protocol] = {
         user_template="{question}\nAnswer the question with a single word.",
         max_new_tokens=16,
         postprocessing="none: the decoded continuation up to the end-of-turn token, special tokens removed, "
-        "not stripped",
+        "not stripped (as lmms-eval's generic huggingface backend returns it; some dedicated backends strip)",
         metric_name="lmms-eval relaxed_correctness(prediction, first gold answer), nothing stripped",
         metric=lmms_eval_relaxed,
         post=lambda raw: raw,
