@@ -1,4 +1,4 @@
-"""Answer-level evaluation: batched greedy generation through the training prompt, then scoring.
+"""Answer-level evaluation: batched greedy generation through the training prompt or a protocol's, then scoring.
 
 Writes `EVAL_DIR/predictions.jsonl` (id, doc_id, question, gold, raw, prediction, exact, relaxed, relaxed_strict,
 score, type, split) and `EVAL_DIR/metrics.json` (exact_match, relaxed_accuracy, relaxed_accuracy_strict and the
