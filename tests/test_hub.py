@@ -224,14 +224,14 @@ def test_model_card_metadata_prompt_metrics_and_snippet(run_dir):
 
     # every number of every metrics.json, overall and per split; final first
     for name, m in METRICS.items():
-        row = f"| {name} | all | {m['n']} | {pct(m['exact_match'])} | {pct(m['relaxed_accuracy'])} | {pct(m['relaxed_accuracy_strict'])} |"
+        row = f"| {name} | vlm-tune | all | {m['n']} | {pct(m['exact_match'])} | {pct(m['relaxed_accuracy'])} | {pct(m['relaxed_accuracy_strict'])} |"
         assert row in card
         for split, s in m["by_split"].items():
             assert (
-                f"| {name} | {split} | {s['n']} | {pct(s['exact_match'])} | {pct(s['relaxed_accuracy'])} |"
+                f"| {name} | vlm-tune | {split} | {s['n']} | {pct(s['exact_match'])} | {pct(s['relaxed_accuracy'])} |"
                 in card
             )
-    assert card.index("| final | all |") < card.index("| untrained | all |")
+    assert card.index("| final | vlm-tune | all |") < card.index("| untrained | vlm-tune | all |")
     assert f"| numeric | 1800 | {pct(0.55)} |" in card
 
     for row in ["| method | lora |", "| LoRA r | 16 |", "| LoRA alpha | 32 |", "| LoRA dropout | 0.05 |"]:
@@ -358,7 +358,7 @@ def test_push_to_local_directory_is_exact_and_idempotent(run_dir, tmp_path):
         if p.is_file() and (p.stat().st_ino, p.stat().st_mtime_ns) != stamps[p]
     }
     assert changed == {"eval/final/metrics.json", "README.md"}
-    assert "| final | all | 2500 | 90.0 |" in (target / "README.md").read_text()
+    assert "| final | vlm-tune | all | 2500 | 90.0 |" in (target / "README.md").read_text()
     assert not [p for p in target.rglob(".*")], "no temporary files left behind"
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from vlm_tune import __version__
 from vlm_tune.errors import UserError
+from vlm_tune.protocols import HARNESSES as HARNESS_CHOICES
+from vlm_tune.protocols import PROTOCOL_NAMES as PROTOCOL_CHOICES
 
 EXAMPLES = """examples:
   vlm-tune train configs/quickstart.yaml
@@ -22,6 +24,7 @@ EXAMPLES = """examples:
   vlm-tune train configs/quickstart.yaml --resume
   vlm-tune check configs/smolvlm-256m-chartqa.yaml --dump rows.jsonl --rows 5
   vlm-tune eval configs/quickstart.yaml --name final
+  vlm-tune eval configs/smolvlm-256m-chartqa.yaml --base --protocol vlmevalkit --export vlmevalkit
   vlm-tune predict --adapter runs/quickstart/final --image chart.png --question "How many bars are there?"
 """
 
@@ -66,13 +69,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlm_tune.inference import run_eval
 
     metrics = run_eval(
-        cfg, adapter=args.adapter, base=args.base, split=args.split, limit=args.limit, name=args.name
+        cfg,
+        adapter=args.adapter,
+        base=args.base,
+        split=args.split,
+        limit=args.limit,
+        name=args.name,
+        protocol=args.protocol,
+        export=args.export,
     )
-    print(
-        json.dumps(
-            {k: metrics[k] for k in ("n", "exact_match", "relaxed_accuracy", "relaxed_accuracy_strict")}
-        )
-    )
+    print(json.dumps(_summary(metrics)))
+    return 0
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The line `eval` and `rescore` print: overall scores, the protocol's score per split, files exported."""
+    keys = ("n", "exact_match", "relaxed_accuracy", "relaxed_accuracy_strict", "score")
+    out: dict[str, Any] = {"protocol": (metrics.get("protocol") or {}).get("name")}
+    out |= {k: metrics[k] for k in keys if k in metrics}
+    out["by_split"] = {k: v.get("score") for k, v in (metrics.get("by_split") or {}).items()}
+    if metrics.get("exports"):
+        out["exports"] = metrics["exports"]
+    return out
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from vlm_tune.export import rescore
+
+    print(json.dumps(_summary(rescore(args.eval_dir, args.protocol, args.out, args.export or []))))
     return 0
 
 
@@ -188,7 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to evaluate (default: data.eval_split)")
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--name", help="results go to RUN_DIR/eval/NAME (default: final or base)")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOL_CHOICES,
+        help="prompt, decoding, post-processing and metric (default: eval.protocol, vlm-tune)",
+    )
+    p.add_argument(
+        "--export",
+        action="append",
+        choices=HARNESS_CHOICES,
+        help="also write this harness's sample/prediction files (repeatable; default: eval.export)",
+    )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "rescore", help="score an evaluation's saved generations under another protocol (no model needed)"
+    )
+    p.add_argument("eval_dir", help="an eval directory (predictions.jsonl, metrics.json)")
+    p.add_argument("--protocol", required=True, choices=PROTOCOL_CHOICES)
+    p.add_argument("--out", help="output eval directory (default: EVAL_DIR-PROTOCOL beside it)")
+    p.add_argument("--export", action="append", choices=HARNESS_CHOICES, help="as for eval (repeatable)")
+    p.set_defaults(func=cmd_rescore)
 
     p = sub.add_parser("check", help="pre-flight: data, token budget and supervision, no training")
     with_config(p)

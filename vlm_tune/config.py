@@ -255,6 +255,14 @@ class EvalSection(Section):
         default_factory=list, description="Also score the untrained model and a majority-answer baseline."
     )
     at_end: bool = Field(True, description="Evaluate the final model on data.eval_split after training.")
+    protocol: Literal["vlm-tune", "lmms-eval", "vlmevalkit"] = Field(
+        "vlm-tune",
+        description="Prompt, decoding, post-processing and metric of `vlm-tune eval`, the untrained baseline and "
+        "the final eval: vlm-tune (the training prompt), lmms-eval, vlmevalkit (vlm_tune/protocols.py).",
+    )
+    export: list[Literal["lmms-eval", "vlmevalkit"]] = Field(
+        [], description="Also write these harnesses' files."
+    )
 
 
 class HubSection(Section):

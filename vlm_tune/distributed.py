@@ -175,6 +175,7 @@ def generate_answers_sharded(
     batch_size: int,
     max_new_tokens: int,
     progress: str | None = None,
+    postprocess: Callable[[str], str] | None = None,
 ) -> list[str]:
     """`evaluate.generate_answers` with the rows split over all ranks; same answers, in row order, on every rank.
 
@@ -185,8 +186,10 @@ def generate_answers_sharded(
     rank, world = rank_and_world()
     bar = progress if rank == 0 else None
 
+    post = {} if postprocess is None else {"postprocess": postprocess}
+
     def run(part: Sequence[dict[str, Any]]) -> list[str]:
-        return generate_answers(model, processor, collator, part, batch_size, max_new_tokens, bar)
+        return generate_answers(model, processor, collator, part, batch_size, max_new_tokens, bar, **post)
 
     fsdp = world > 1 and is_fsdp(model)
     if not fsdp:
@@ -219,9 +222,11 @@ def evaluate_rows(
     out: Any,
     extra: dict[str, Any] | None = None,
     progress: str | None = None,
+    protocol: str | None = None,
+    export: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`evaluate.evaluate` with generation sharded over the ranks; rank 0 writes predictions.jsonl and
-    metrics.json; every rank gets the metrics."""
+    metrics.json; every rank gets the metrics. `protocol`, `export`: as in `evaluate.evaluate`."""
     from vlm_tune.evaluate import evaluate
 
     return evaluate(
@@ -236,6 +241,8 @@ def evaluate_rows(
         progress=progress,
         generate=generate_answers_sharded,
         write=rank_and_world()[0] == 0,
+        protocol=protocol,
+        export=export,
     )
 
 

@@ -1,8 +1,9 @@
-"""Answer-level evaluation: batched greedy generation through the training prompt, then scoring.
+"""Answer-level evaluation: batched greedy generation through the training prompt or a protocol's, then scoring.
 
-Writes `EVAL_DIR/predictions.jsonl` (id, question, gold, prediction, exact, relaxed, relaxed_strict, type,
-split) and `EVAL_DIR/metrics.json` (exact_match, relaxed_accuracy, relaxed_accuracy_strict overall, per
-split and per type, with counts; the library versions, torch's CUDA build and the image backend in use).
+Writes `EVAL_DIR/predictions.jsonl` (id, doc_id, question, gold, raw, prediction, exact, relaxed, relaxed_strict,
+score, type, split) and `EVAL_DIR/metrics.json` (exact_match, relaxed_accuracy, relaxed_accuracy_strict and the
+protocol's `score` overall, per split and per type, with counts; the protocol, image settings, library versions,
+torch's CUDA build and the image backend in use).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,15 @@ def generate_answers(
     batch_size: int = 16,
     max_new_tokens: int = 16,
     progress: str | None = None,
+    postprocess: Callable[[str], str] = clean_generation,
 ) -> list[str]:
     """Greedy answers for rows, batch_size at a time (left padding, KV cache).
 
     `rows` is any indexable sequence; only one batch of rows (and so of images) is taken at a time, so a lazy
     sequence (`LazyRows`) holds one batch of decoded images. Batches go to the model's device and run under
     autocast in its compute dtype (float32 trainable weights beside a half-precision base). `progress`: a
-    label for a progress bar with answers/s (None: no bar).
+    label for a progress bar with answers/s (None: no bar). `postprocess` turns each decoded continuation (special
+    tokens kept) into the answer returned (an evaluation protocol's: `vlm_tune.protocols`).
     """
     from vlm_tune.progress import count_bar
     from vlm_tune.runtime import autocast, compute_dtype, model_device
@@ -78,7 +81,7 @@ def generate_answers(
                 )
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             for ids in new_tokens:
-                answers.append(clean_generation(tok.decode(ids, skip_special_tokens=False)))
+                answers.append(postprocess(tok.decode(ids, skip_special_tokens=False)))
             if bar is not None:
                 bar.advance(len(new_tokens))
     finally:
@@ -101,6 +104,8 @@ def evaluate(
     progress: str | None = None,
     generate: Any = None,
     write: bool = True,
+    protocol: str | None = None,
+    export: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Generate, score and write one evaluation; metrics.json records where and how fast it ran.
 
@@ -108,47 +113,99 @@ def evaluate(
     are read for scoring when `rows` is lazy (`texts()`), so no image outlives its generation batch.
     `generate` replaces `generate_answers` (same signature: the sharded one under several processes);
     write=False returns the metrics without writing files (ranks other than 0).
+    `protocol` (`vlm_tune.protocols`; None: vlm-tune) sets the prompt (from the collator's prompt contract),
+    the decoding, the post-processing and the `score` metric, recorded in metrics.json with the image settings;
+    `export` also writes those harnesses' own files (`vlm_tune.export`).
     """
+    from vlm_tune.data.collate import make_collator
+    from vlm_tune.protocols import (
+        cut_at_end_of_turn,
+        image_settings,
+        model_type_of,
+        resolve,
+        special_tokens_in,
+    )
     from vlm_tune.runtime import compute_dtype, dtype_name, model_device, tensor_devices
 
+    setting = resolve(protocol, model_type_of(model), collator.system, collator.user_template, max_new_tokens)
+    if (setting.system, setting.user_template) != (collator.system, collator.user_template):
+        collator = make_collator(processor, setting.system, setting.user_template)
     t0 = time.perf_counter()
-    preds = (generate or generate_answers)(
-        model, processor, collator, rows, batch_size, max_new_tokens, progress
+    raws = (generate or generate_answers)(
+        model,
+        processor,
+        collator,
+        rows,
+        batch_size,
+        setting.max_new_tokens,
+        progress,
+        postprocess=cut_at_end_of_turn,
     )
     wall = time.perf_counter() - t0
     texts = rows.texts() if hasattr(rows, "texts") else rows
+    special = special_tokens_in(processor.tokenizer, raws)
     run = {
         "device": str(model_device(model)),
         "devices": tensor_devices(model),  # of every parameter and buffer, not only the first
         "dtype": dtype_name(compute_dtype(model)),
-        "rows": len(preds),
+        "rows": len(raws),
         "wall_s": round(wall, 3),
-        "answers_per_s": round(len(preds) / max(wall, 1e-9), 3),
+        "answers_per_s": round(len(raws) / max(wall, 1e-9), 3),
+        "protocol": setting.record(),
+        "image_settings": image_settings(processor),
+        "special_tokens_in_raw": special,
     }
-    records = score(texts, preds)
+    indices = getattr(rows, "indices", None)  # LazyRows: each row's index in the evaluated split
+    doc_ids = list(indices) if isinstance(indices, list) else list(range(len(raws)))
+    records = score(texts, raws, setting.protocol, raw=True, special=special, doc_ids=doc_ids)
     if not write:
         return aggregate(records) | run | (extra or {})
-    return write_eval(out_dir, records, extra=run | (extra or {}))
+    metrics = write_eval(out_dir, records, extra=run | (extra or {}))
+    if export:
+        from vlm_tune.export import write_exports
+
+        metrics["exports"] = write_exports(out_dir, records, metrics, export)
+        atomic_write(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
 
 
-def score(rows: Sequence[dict[str, Any]], predictions: Sequence[str]) -> list[dict[str, Any]]:
-    """One record per row: prediction against all gold answers."""
+def score(
+    rows: Sequence[dict[str, Any]],
+    outputs: Sequence[str],
+    protocol: Any = None,
+    raw: bool = False,
+    special: Sequence[str] = (),
+    doc_ids: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per row: prediction against all gold answers.
+
+    `outputs` are the predictions, or (raw=True) raw generations that the protocol post-processes (kept as
+    `raw`). `score` is the protocol's own metric (`vlm_tune.protocols`; None: vlm-tune); `doc_id` the row's
+    index in the evaluated split, when given.
+    """
+    from vlm_tune.protocols import get_protocol
+
+    proto = get_protocol(protocol)
     records = []
-    for row, pred in zip(rows, predictions, strict=True):
+    for k, (row, out) in enumerate(zip(rows, outputs, strict=True)):
         gold = list(row["answers"])
-        records.append(
-            {
-                "id": row["id"],
-                "question": row["question"],
-                "gold": gold,
-                "prediction": pred,
-                "exact": exact_match(pred, gold),
-                "relaxed": relaxed_accuracy(pred, gold),
-                "relaxed_strict": relaxed_accuracy_strict(pred, gold),
-                "type": row.get("type", "all"),
-                "split": row.get("split", "all"),
-            }
-        )
+        pred = proto.postprocess(out, special) if raw else out
+        record: dict[str, Any] = {"id": row["id"]}
+        if doc_ids is not None:
+            record["doc_id"] = doc_ids[k]
+        record |= {"question": row["question"], "gold": gold}
+        if raw:
+            record["raw"] = out
+        record |= {
+            "prediction": pred,
+            "exact": exact_match(pred, gold),
+            "relaxed": relaxed_accuracy(pred, gold),
+            "relaxed_strict": relaxed_accuracy_strict(pred, gold),
+            "score": proto.metric(pred, gold),
+            "type": row.get("type", "all"),
+            "split": row.get("split", "all"),
+        }
+        records.append(record)
     return records
 
 

@@ -130,7 +130,7 @@ def _pct(value: Any) -> str:
 
 def _metric_row(*labels: str, m: dict[str, Any]) -> str:
     cells = [*labels, str(m.get("n", "–"))]
-    cells += [_pct(m.get(k)) for k in ("exact_match", "relaxed_accuracy", "relaxed_accuracy_strict")]
+    cells += [_pct(m.get(k)) for k in ("exact_match", "relaxed_accuracy", "relaxed_accuracy_strict", "score")]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -147,18 +147,26 @@ def _metrics_section(evals: dict[str, dict[str, Any]], default_split: str) -> li
         "",
         "Scores in percent. *exact match*: normalised string equality; *relaxed accuracy*: ChartQA's metric "
         "(numbers within 5% of the gold value count as correct), robust to units, separators and lists; "
-        "*relaxed (strict)*: the reference pix2struct definition, comparable with published numbers.",
+        "*relaxed (strict)*: the reference pix2struct definition, comparable with published numbers; "
+        "*protocol score*: the metric of the evaluation protocol (vlm-tune, lmms-eval, vlmevalkit: prompt, "
+        "decoding, post-processing and metric of that harness, see vlm-tune's `vlm_tune/protocols.py`).",
         "",
-        "| model | split | n | exact match | relaxed accuracy | relaxed (strict) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | protocol | split | n | exact match | relaxed accuracy | relaxed (strict) | protocol score |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
+    differs = []
     for name, m in evals.items():
         splits = m.get("by_split") or {}
         only = next(iter(splits)) if len(splits) == 1 else None
         label = str(m.get("split") or only or default_split or "all") if len(splits) <= 1 else "all"
-        lines.append(_metric_row(name, label, m=m))
+        proto = (m.get("protocol") or {}).get("name") or "vlm-tune"
+        lines.append(_metric_row(name, proto, label, m=m))
         if len(splits) > 1:
-            lines += [_metric_row(name, split, m=sm) for split, sm in splits.items()]
+            lines += [_metric_row(name, proto, split, m=sm) for split, sm in splits.items()]
+        if (m.get("protocol") or {}).get("differs_from_training"):
+            differs.append(f"`{name}` ({proto})")
+    if differs:
+        lines += ["", "Prompt differs from the training prompt in: " + ", ".join(differs) + "."]
     notes = [f"`{n}`: {_EVAL_NOTES[n]}" for n in evals if n in _EVAL_NOTES]
     if notes:
         lines += ["", "Rows: " + "; ".join(notes) + "."]
@@ -169,8 +177,8 @@ def _metrics_section(evals: dict[str, dict[str, Any]], default_split: str) -> li
             "",
             f"Per question type (`{first_name}`):",
             "",
-            "| type | n | exact match | relaxed accuracy | relaxed (strict) |",
-            "|---|---:|---:|---:|---:|",
+            "| type | n | exact match | relaxed accuracy | relaxed (strict) | protocol score |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for qtype, tm in by_type.items():
             lines.append(_metric_row(qtype, m=tm))

@@ -127,8 +127,13 @@ def run_eval(
     split: str | None = None,
     limit: int | None = None,
     name: str | None = None,
+    protocol: str | None = None,
+    export: list[str] | None = None,
 ) -> dict[str, Any]:
-    """`vlm-tune eval`: score the adapter (default RUN_DIR/final) or the base model on a split."""
+    """`vlm-tune eval`: score the adapter (default RUN_DIR/final) or the base model on a split.
+
+    `protocol` / `export` (default eval.protocol / eval.export): see `vlm_tune.protocols`. With --base the prompt
+    contract is the config's prompt section (a plain hub model: the zero-shot number before fine-tuning)."""
     from vlm_tune.data.sources import LazyRows, load_split, prepare_split
     from vlm_tune.evaluate import evaluate
     from vlm_tune.model import load_model, load_processor, resolve_model_path
@@ -166,6 +171,8 @@ def run_eval(
         cfg.eval.max_new_tokens,
         extra={"split": split, "skipped": dict(prepared.skipped)},
         progress=f"eval {out.name}" if cfg.logging.progress else None,
+        protocol=protocol or cfg.eval.protocol,
+        export=cfg.eval.export if export is None else export,
     )
 
 

@@ -35,13 +35,21 @@ parse as numbers in both.
 
 Percent choice (robust): a trailing ``%`` is a unit, so "62%" may stand for 62 *or* for 0.62;
 both readings are tried on each side that carries a percent sign and the answer is correct
-when any pairing is within tolerance. So "62" == "62%" == "0.62".
+when any pairing is within tolerance. So "62" == "62%" == "0.62" (and "2%" == "2", which
+VLMEvalKit#1313 reports its harness scoring wrong). Units: only currency signs and ``%`` are
+read; a unit word is never stripped ("5 million" vs "5" is wrong under every variant).
+
+Harness variants (the ``score`` of an evaluation protocol, :mod:`vlm_tune.protocols`), both built on
+:func:`pix2struct_correct` (the strict check): :func:`lmms_eval_relaxed` (lmms-eval: first gold only,
+nothing stripped) and :func:`vlmevalkit_relaxed` (VLMEvalKit: prediction stripped, max over the gold
+answers of its table's answer cell). ``tests/test_protocols.py`` pins every variant on the same cases.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from ast import literal_eval
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -54,6 +62,9 @@ __all__ = [
     "normalize_answer",
     "relaxed_accuracy",
     "relaxed_accuracy_strict",
+    "lmms_eval_relaxed",
+    "pix2struct_correct",
+    "vlmevalkit_relaxed",
 ]
 
 RELAXED_TOLERANCE = 0.05
@@ -256,18 +267,26 @@ def relaxed_accuracy(prediction: str, gold: str | Sequence[str]) -> float:
 
 
 def _strict_to_float(text: str) -> float | None:
+    """``float(text)``, a trailing run of ``%`` meaning value/100 (pix2struct's ``_to_float``: ``rstrip("%")``)."""
     try:
         if text.endswith("%"):
-            return float(text[:-1]) / 100.0
+            return float(text.rstrip("%")) / 100.0
         return float(text)
     except ValueError:
         return None
 
 
-def _strict_one(prediction: str, target: str) -> float:
+def pix2struct_correct(prediction: str, target: str) -> float:
+    """pix2struct's ``relaxed_correctness(target, prediction)`` for one gold answer, as 1.0/0.0.
+
+    Both parse with :func:`float` (which itself ignores surrounding whitespace and reads ``1_000``, ``nan``,
+    ``inf``); when both parse and the gold value is non-zero (a gold 0 is falsy): correct iff
+    ``|pred - gold| / |gold| <= 0.05``; otherwise ``prediction.lower() == target.lower()``. The same function
+    is lmms-eval's ``relaxed_correctness`` (``lmms_eval/tasks/chartqa/utils.py``, lmms-eval 0.7.3) and
+    VLMEvalKit's (``vlmeval/dataset/utils/vqa_eval.py``), each called on its own inputs.
+    """
     pred_float = _strict_to_float(prediction)
     target_float = _strict_to_float(target)
-    # Note: a gold value of 0.0 is falsy, so it falls through to the string comparison.
     if pred_float is not None and target_float:
         return float(abs(pred_float - target_float) / abs(target_float) <= RELAXED_TOLERANCE)
     return float(prediction.lower() == target.lower())
@@ -276,12 +295,48 @@ def _strict_one(prediction: str, target: str) -> float:
 def relaxed_accuracy_strict(prediction: str, gold: str | Sequence[str]) -> float:
     """Relaxed accuracy exactly as pix2struct's ``relaxed_correctness`` computes it.
 
-    Both strings are parsed with ``float`` (a trailing ``%`` means ``float(text[:-1]) / 100``).
+    Both strings are parsed with ``float`` (a trailing ``%`` means ``float(text.rstrip("%")) / 100``).
     When both parse and gold is non-zero: correct iff ``|pred - gold| / |gold| <= 0.05``.
     Otherwise: ``prediction.lower() == gold.lower()`` (no stripping). Max over gold answers.
     """
     pred = "" if prediction is None else str(prediction)
-    return max((_strict_one(pred, g) for g in _as_gold_list(gold)), default=0.0)
+    return max((pix2struct_correct(pred, g) for g in _as_gold_list(gold)), default=0.0)
+
+
+def lmms_eval_relaxed(prediction: str, gold: str | Sequence[str]) -> float:
+    """lmms-eval's ChartQA score (``chartqa_process_results``, lmms-eval 0.7.3): one target, nothing stripped.
+
+    lmms-eval's ChartQA docs carry one answer each; a row with several gold answers is scored against the
+    first (the one the lmms-eval export writes as ``target``). No gold answer scores 0.0.
+    """
+    golds = _as_gold_list(gold)
+    return pix2struct_correct("" if prediction is None else str(prediction), golds[0]) if golds else 0.0
+
+
+def vlmevalkit_answer_cell(gold: str | Sequence[str]) -> str:
+    """The ``answer`` cell of VLMEvalKit's prediction table: the gold text, or a Python list of several."""
+    golds = _as_gold_list(gold)
+    return golds[0] if len(golds) == 1 else repr(golds)
+
+
+def vlmevalkit_answers(cell: str) -> list[str]:
+    """The gold answers VLMEvalKit reads from an ``answer`` cell (``process_line``): a cell that evaluates to a
+    Python list is that list (so a gold *text* ``[1, 2]`` becomes the two answers ``1`` and ``2``: its quirk,
+    reproduced), any other cell is one answer. ``ast.literal_eval`` stands in for its ``eval``."""
+    try:
+        value = literal_eval(cell)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return [cell]
+    return [str(v) for v in value] if isinstance(value, list) else [cell]
+
+
+def vlmevalkit_relaxed(prediction: str, gold: str | Sequence[str]) -> float:
+    """VLMEvalKit's ChartQA_TEST score (``process_line(method='relaxed_accuracy')`` then ``hit_calculate``):
+    the prediction ``.strip()``ed, pix2struct's check against each gold answer of the table's answer cell,
+    the max over them. No gold answer scores 0.0 (VLMEvalKit would fail on ``np.max([])``)."""
+    pred = ("" if prediction is None else str(prediction)).strip()
+    answers = vlmevalkit_answers(vlmevalkit_answer_cell(gold)) if _as_gold_list(gold) else []
+    return max((pix2struct_correct(pred, a) for a in answers), default=0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +355,8 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n}
     for field, name in _SCORE_FIELDS:
         out[name] = (sum(float(r[field]) for r in rows) / n) if n else 0.0
+    if rows and all("score" in r for r in rows):  # the evaluation protocol's own metric (vlm_tune.protocols)
+        out["score"] = sum(float(r["score"]) for r in rows) / n
     return out
 
 
@@ -315,7 +372,8 @@ def aggregate(records: Iterable[dict[str, Any]], keys: Sequence[str] = ("split",
 
     There is one ``by_<key>`` entry per key (groups sorted by name, names as str). A record
     without a key (or with ``None``) is left out of that grouping only; a key no record has
-    gives an empty dict. Empty input gives ``n`` 0 and all means 0.0 (no error).
+    gives an empty dict. Empty input gives ``n`` 0 and all means 0.0 (no error). When every record has a
+    ``score`` (the protocol's own metric, :mod:`vlm_tune.protocols`), each group also gets its mean ``score``.
     Raises ValueError when a record lacks a score field.
     """
     rows = list(records)

@@ -43,6 +43,7 @@ _METRICS = (
     ("exact_match", "Exact match"),
     ("relaxed_accuracy", "Relaxed acc."),
     ("relaxed_accuracy_strict", "Relaxed (strict)"),
+    ("score", "Protocol score"),
 )
 
 
@@ -215,6 +216,19 @@ def _gold_html(gold: Any) -> str:
     return " ".join(f'<span class="gold">{_esc(g)}</span>' for g in items)
 
 
+def protocol_line(metrics: dict[str, Any]) -> str:
+    """How an evaluation was run, in words: its protocol, and whether its prompt differs from training's."""
+    p = metrics.get("protocol") or {}
+    if not p:
+        return "protocol vlm-tune (recorded before protocols existed)"
+    text = f"protocol {p.get('name')}"
+    if p.get("rescored_from"):
+        text += f" (generations of protocol {p['rescored_from'].get('protocol')}, rescored)"
+    if p.get("differs_from_training"):
+        text += ": prompt differs from the training prompt"
+    return text
+
+
 def _default_names(a_dir: Path, b_dir: Path) -> tuple[str, str]:
     a, b = a_dir.resolve(), b_dir.resolve()
     if a.name != b.name:
@@ -376,6 +390,7 @@ def write_report(
         f"<h1>{_esc(title)}</h1>"
         f'<div class="runs"><b>A</b> = {_esc(a_name)} <code>{_esc(a_dir)}</code> &nbsp; '
         f"<b>B</b> = {_esc(b_name)} <code>{_esc(b_dir)}</code><br>"
+        f'<span class="protocols">A: {_esc(protocol_line(ma))} · B: {_esc(protocol_line(mb))}</span><br>'
         f"{len(ids)} questions · correctness = relaxed accuracy · "
         f'<span id="changed-summary">{n_changed} changed ({n_improved} improved, {n_regressed} regressed)</span>'
         "</div>"

@@ -89,7 +89,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     results: dict[str, dict[str, Any]] = {}
     if "untrained" in cfg.eval.baselines and checkpoint is None:
         results["untrained"] = _evaluate(
-            model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained"
+            model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained", protocol=True
         )
     if "majority" in cfg.eval.baselines and checkpoint is None and is_main:
         train_rows = [{"answers": [a], "type": t} for a, t in _answers_and_types(train_split)]
@@ -98,7 +98,9 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         wall = time.perf_counter() - t0
         run = {"device": None, "dtype": None, "rows": len(preds), "wall_s": round(wall, 3)}
         run["answers_per_s"] = round(len(preds) / max(wall, 1e-9), 1)  # no model: device and dtype are null
-        results["majority"] = write_eval(run_dir / "eval" / "majority", score(eval_rows.texts(), preds), run)
+        run["protocol"] = {"name": cfg.eval.protocol, "generation": None}  # its metric scores the answers
+        records = score(eval_rows.texts(), preds, cfg.eval.protocol)
+        results["majority"] = write_eval(run_dir / "eval" / "majority", records, run)
 
     # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
     model = setup_training(model, cfg)
@@ -154,7 +156,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     # eval (generation split over the ranks; rank 0 writes and reports)
     if cfg.eval.at_end:
         results["final"] = _evaluate(
-            trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final"
+            trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final", protocol=True
         )
     if cfg.eval.at_end and trainer.is_world_process_zero():
         for name in ("untrained", "majority"):
@@ -218,10 +220,22 @@ def _evaluate(
     out: Path,
     label: str = "",
     extra: dict | None = None,
+    protocol: bool = False,
 ) -> dict:
+    """One evaluation during `train`; protocol=True: under eval.protocol with eval.export (the untrained
+    baseline and the final evaluation), else the training prompt (the evaluation that picks the best checkpoint)."""
     label = label or f"eval {out.name}"
     return evaluate_rows(
-        model, processor, collator, rows, cfg, out, extra, label if cfg.logging.progress else None
+        model,
+        processor,
+        collator,
+        rows,
+        cfg,
+        out,
+        extra,
+        label if cfg.logging.progress else None,
+        protocol=cfg.eval.protocol if protocol else None,
+        export=cfg.eval.export if protocol else (),
     )
 
 
