@@ -75,13 +75,15 @@ def test_two_processes_match_one(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_run_saves_trained_adapter_and_evaluates_sharded(cache_dir, tmp_path):
-    """torchrun, 2 processes: baseline, evals during training and final eval split over the ranks."""
+def test_ddp_run_saves_trained_adapter_and_evaluates_sharded(tmp_path):
+    """torchrun, 2 processes, from an empty cache (no model, no data built yet): the local main process builds
+    the stand-in and the synthetic data once, the other rank reads them; baseline, evals during training and
+    final eval split over the ranks."""
     from vlm_tune.data.sources import load_split
     from vlm_tune.evaluate import generate_answers
     from vlm_tune.inference import load_for_inference
 
-    out = tmp_path / "ddp"
+    out, cache_dir = tmp_path / "ddp", tmp_path / "empty-cache"
     cfg = tiny_cfg(
         cache_dir,
         out,
@@ -97,6 +99,8 @@ def test_ddp_run_saves_trained_adapter_and_evaluates_sharded(cache_dir, tmp_path
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     result = _torchrun(["-m", "vlm_tune.cli", "train", str(cfg_path)], 29551)
     assert result.returncode == 0, result.stderr[-4000:]
+    built = sorted(p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock"))
+    assert built[1:] == ["tiny-model"] and built[0].startswith("synthetic-"), f"no staging left: {built}"
     shown = result.stdout + result.stderr
     assert "train: 48 rows, none skipped; test: 8 rows, none skipped" in shown, "pre-flight results gathered"
     assert shown.count("pre-flight train") == 1, "one progress bar (rank 0's share of the rows)"
