@@ -94,3 +94,19 @@ def test_launcher_problems_name_the_contradiction():
     (problem,) = launcher_problems(fp32, for_config(fp32, A100), {"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert "mixed_precision: bf16, but model.dtype float32 is float32 here" in problem
     assert launcher_problems(fp32, for_config(fp32, A100), {"ACCELERATE_MIXED_PRECISION": "no"}) == []
+
+
+def test_train_refuses_a_contradicting_launcher_before_loading(cache_dir, tmp_path, monkeypatch):
+    import vlm_tune.train
+    from vlm_tune.errors import UserError
+
+    from .conftest import tiny_cfg
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(vlm_tune.train, "resolve_model_path", no_load)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # a float32 run (CPU) launched with bf16
+    with pytest.raises(UserError, match="mixed_precision: bf16, but model.dtype auto is float32 here"):
+        vlm_tune.train.train(tiny_cfg(cache_dir, tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
