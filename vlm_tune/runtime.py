@@ -262,22 +262,20 @@ def launcher_problems(cfg: Any, rt: Runtime, env: Mapping[str, str] | None = Non
         )
     if (env.get("ACCELERATE_USE_DEEPSPEED") or "false").lower() != "true":
         return problems
-    for var, key, value in (
+    deepspeed = (
         (
             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
             "gradient_accumulation_steps",
-            cfg.train.gradient_accumulation_steps,
+            "gradient_accumulation_steps",
         ),
-        ("ACCELERATE_GRADIENT_CLIPPING", "max_grad_norm", cfg.train.max_grad_norm),
-    ):
-        got = (env.get(var) or "auto").lower()
+        ("ACCELERATE_GRADIENT_CLIPPING", "gradient_clipping", "max_grad_norm"),
+    )
+    for var, ds_key, key in deepspeed:
+        got, value = (env.get(var) or "auto").lower(), getattr(cfg.train, key)
         if got != "auto" and float(got) != float(value):
-            name = (
-                "gradient_accumulation_steps" if key == "gradient_accumulation_steps" else "gradient_clipping"
-            )
             problems.append(
-                f"the accelerate config's deepspeed_config sets {name}: {got}, but train.{key} is {value}. "
-                f"Remove {name} from the accelerate config (or set it to auto): vlm-tune passes train.{key}"
+                f"the accelerate config's deepspeed_config sets {ds_key}: {got}, but train.{key} is {value}. "
+                f"Remove {ds_key} from the accelerate config (or set it to auto): vlm-tune passes train.{key}"
             )
     return problems
 
@@ -290,7 +288,7 @@ def usable_cpus(
     cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")
 ) -> tuple[int, str]:
     """(CPUs this process may use, how that was found): the smaller of its affinity set and its cgroup's CPU
-    quota (cgroup v2 cpu.max or v1 cpu.cfs_quota_us, the tightest level), never more than os.cpu_count()."""
+    quota (cgroup v2 cpu.max or v1 cpu.cfs_quota_us, the tightest level along its cgroup path)."""
     try:
         n = len(os.sched_getaffinity(0))
         parts = [f"affinity {n}"]

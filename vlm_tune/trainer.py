@@ -108,9 +108,8 @@ class VlmTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.supervised_logits_only = supervised_logits_only
         self.group_lengths = group_lengths
-        self._tokens: torch.Tensor | None = (
-            None  # (supervised, total) tokens since the last log, on the device
-        )
+        # (supervised, total) tokens since the last log, on the device (read once per logging step)
+        self._tokens: torch.Tensor | None = None
         self._t0 = time.perf_counter()
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
