@@ -526,7 +526,9 @@ def bench_shape(
     fp = flop_params(AutoConfig.from_pretrained(model_dir))
     collated: dict[str, tuple[list, float]] = {}
     default_wall = default_rate = None
-    workers_n = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    from vlm_tune.runtime import usable_cpus  # the affinity set and cgroup quota, not the host's cores
+
+    workers_n = args.workers if args.workers is not None else max(1, min(8, usable_cpus()[0] - 1))
     for vname in args.variants:
         ov = dict(variant_overrides(vname, shape))
         if vname == "e2e_wN":

@@ -21,9 +21,10 @@ from .conftest import tiny_cfg
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _torchrun(args: list[str], port: int, timeout: int = 600) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """2 processes; --standalone picks a free port (a fixed one collides with other runs on a shared machine)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
@@ -54,9 +55,7 @@ def test_two_processes_match_one(cache_dir, tmp_path):
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     out = tmp_path / "out"
     out.mkdir()
-    result = _torchrun(
-        ["tests/dist_worker.py", str(cfg_path), str(_bad_rows(tmp_path / "bad")), str(out)], 29541
-    )
+    result = _torchrun(["tests/dist_worker.py", str(cfg_path), str(_bad_rows(tmp_path / "bad")), str(out)])
     assert result.returncode == 0, result.stderr[-4000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     for r in (r0, r1):
@@ -75,13 +74,15 @@ def test_two_processes_match_one(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_run_saves_trained_adapter_and_evaluates_sharded(cache_dir, tmp_path):
-    """torchrun, 2 processes: baseline, evals during training and final eval split over the ranks."""
+def test_ddp_run_saves_trained_adapter_and_evaluates_sharded(tmp_path):
+    """torchrun, 2 processes, from an empty cache (no model, no data built yet): the local main process builds
+    the stand-in and the synthetic data once, the other rank reads them; baseline, evals during training and
+    final eval split over the ranks."""
     from vlm_tune.data.sources import load_split
     from vlm_tune.evaluate import generate_answers
     from vlm_tune.inference import load_for_inference
 
-    out = tmp_path / "ddp"
+    out, cache_dir = tmp_path / "ddp", tmp_path / "empty-cache"
     cfg = tiny_cfg(
         cache_dir,
         out,
@@ -95,8 +96,10 @@ def test_ddp_run_saves_trained_adapter_and_evaluates_sharded(cache_dir, tmp_path
     )
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
-    result = _torchrun(["-m", "vlm_tune.cli", "train", str(cfg_path)], 29551)
+    result = _torchrun(["-m", "vlm_tune.cli", "train", str(cfg_path)])
     assert result.returncode == 0, result.stderr[-4000:]
+    built = sorted(p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock"))
+    assert built[1:] == ["tiny-model"] and built[0].startswith("synthetic-"), f"no staging left: {built}"
     shown = result.stdout + result.stderr
     assert "train: 48 rows, none skipped; test: 8 rows, none skipped" in shown, "pre-flight results gathered"
     assert shown.count("pre-flight train") == 1, "one progress bar (rank 0's share of the rows)"

@@ -2,7 +2,6 @@
 supervised, length-grouped batches, dataloader workers."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -235,14 +234,15 @@ def test_all_levers_together_train(cache_dir, tmp_path):
 
 def test_dataloader_workers_auto_is_zero_on_cpu_and_several_on_a_gpu(tmp_path):
     from vlm_tune.config import ConfigError, build_config
-    from vlm_tune.trainer import resolve_workers, training_arguments
+    from vlm_tune.runtime import Hardware, data_workers
+    from vlm_tune.trainer import training_arguments
 
     assert build_config({}).train.dataloader_num_workers == "auto"
-    assert resolve_workers("auto", cuda=False, cpus=16) == 0  # on CPU the cores train
-    assert resolve_workers("auto", cuda=True, cpus=16) == 4
-    assert resolve_workers("auto", cuda=True, cpus=2) == 1
-    assert resolve_workers(3, cuda=False, cpus=2) == 3
-    expected = min(4, (os.cpu_count() or 1) - 1) if torch.cuda.is_available() else 0
+    assert data_workers("auto", Hardware(cuda=False, cpus=16))[0] == 0  # on CPU the cores train
+    assert data_workers("auto", Hardware(cuda=True, cpus=16))[0] == 4
+    assert data_workers("auto", Hardware(cuda=True, cpus=2))[0] == 1
+    assert data_workers(3, Hardware(cuda=False, cpus=2))[0] == 3
+    expected = data_workers("auto")[0]  # this machine's decision (0 here: no CUDA)
     assert training_arguments(build_config({}), tmp_path).dataloader_num_workers == expected
     args = training_arguments(build_config({}, ["train.dataloader_num_workers=2"]), tmp_path)
     assert args.dataloader_num_workers == 2

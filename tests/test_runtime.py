@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import vlm_tune.runtime
 from vlm_tune.config import ConfigError, build_config
 from vlm_tune.runtime import Hardware, precision_problems, resolve, resolve_dtype
 
@@ -228,3 +229,108 @@ def test_fsdp_launch_leaves_placement_to_accelerate(cache_dir, monkeypatch):
     kept = load_model(path, cfg, meta)
     assert {p.device.type for p in kept.parameters()} == {"cpu"}  # accelerate shards it later
     assert {p.dtype for p in kept.parameters()} == {torch.float32}
+
+
+# -- families that overflow float16 (their module's float16_hazard) -------------------------------------------
+def _family(name):
+    from vlm_tune.families import all_families
+
+    return next(f for f in all_families() if f.name == name)
+
+
+def test_families_that_overflow_float16_never_get_it():
+    """PaliGemma 2 (Gemma 2 decoder) and Gemma 3: auto is float32 on a card without bfloat16, float16 refused."""
+    from vlm_tune.families import all_families
+
+    hazardous = {f.name for f in all_families() if f.float16_hazard}
+    assert hazardous == {"paligemma", "gemma3"}
+    for name in hazardous:
+        fam = _family(name)
+        assert resolve_dtype("auto", T4, fam) == "float32"
+        assert resolve_dtype("auto", A100, fam) == "bfloat16" and resolve_dtype("auto", CPU, fam) == "float32"
+        rt = resolve("auto", "qlora", T4, fam)
+        assert rt.dtype == "float32" and not rt.fp16 and not rt.bf16
+        (refused,) = precision_problems("float16", "lora", T4, fam)
+        assert f"float16 is refused for {name}" in refused and "model.dtype=auto (float32 here)" in refused
+        (no_bf16,) = precision_problems("bfloat16", "qlora", T4, fam)  # gemma3's config pinned bfloat16
+        assert "Use model.dtype=auto (float32 here) or float32" in no_bf16
+    smolvlm = _family("smolvlm")  # no hazard: float16 with the grad scaler, as before
+    assert (
+        resolve_dtype("auto", T4, smolvlm) == "float16"
+        and precision_problems("float16", "lora", T4, smolvlm) == []
+    )
+    assert "or float16" in precision_problems("bfloat16", "lora", T4, smolvlm)[0]
+
+
+def test_the_rule_is_found_from_the_config_without_loading(family_stand_ins, tmp_path):
+    from vlm_tune.runtime import config_family, for_config
+
+    builtin = build_config({"model": {"name_or_path": "builtin:tiny-paligemma"}})
+    local = build_config({"model": {"name_or_path": str(family_stand_ins["gemma3"])}})  # its config.json
+    assert config_family(builtin).name == "paligemma" and config_family(local).name == "gemma3"
+    assert for_config(builtin, T4).dtype == for_config(local, T4).dtype == "float32"
+    assert not (tmp_path / "tiny-paligemma").exists()
+    assert for_config(build_config({}), T4).dtype == "float16"  # builtin:tiny is SmolVLM
+
+
+def test_check_prints_the_dtype_and_why(family_stand_ins, tmp_path, monkeypatch, capsys):
+    from vlm_tune.check import run_check
+
+    monkeypatch.setattr(vlm_tune.runtime, "_DETECTED", T4)
+    raw = {
+        "model": {"name_or_path": str(family_stand_ins["paligemma"]), "cache_dir": str(tmp_path)},
+        "data": {"synthetic": {"n_train": 4, "n_test": 2}},
+        "logging": {"progress": False},
+    }
+    assert run_check(build_config(raw)) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "model.dtype auto → float32 (auto: this GPU has no bfloat16, and paligemma never runs in float16"
+        in out
+    )
+    assert run_check(build_config(raw, ["model.dtype=float16"])) == 1
+    assert "float16 is refused for paligemma" in " ".join(capsys.readouterr().out.split())
+
+
+# -- CPUs and data-loader workers -------------------------------------------------------------------------------
+def _cgroup(tmp_path, files: dict[str, str], self_cgroup: str):
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (tmp_path / "self").write_text(self_cgroup)
+    return root, tmp_path / "self"
+
+
+def test_usable_cpus_is_the_smaller_of_affinity_and_cgroup_quota(tmp_path, monkeypatch):
+    from vlm_tune.runtime import usable_cpus
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    v2 = _cgroup(tmp_path / "v2", {"cpu.max": "max 100000\n", "job/cpu.max": "450000 100000\n"}, "0::/job\n")
+    assert usable_cpus(*v2) == (4, "affinity 16, cgroup quota 4.5")  # 4.5 CPUs of time: 4 whole ones
+    v1 = {"cpu,cpuacct/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+    container = _cgroup(tmp_path / "v1", v1, "4:cpu,cpuacct:/docker/abc\n1:memory:/docker/abc\n")
+    assert usable_cpus(*container)[0] == 2  # the host path is not visible: the mount root is the container's
+    free = _cgroup(
+        tmp_path / "free", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "3:cpu:/\n"
+    )
+    assert usable_cpus(*free) == (16, "affinity 16, no cgroup CPU quota")
+    assert usable_cpus(tmp_path / "none", tmp_path / "missing")[0] == 16
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert usable_cpus(*v2)[0] == 3  # taskset / a scheduler's allocation below the quota
+
+
+def test_workers_share_the_usable_cpus_among_local_ranks(monkeypatch):
+    from vlm_tune.runtime import data_workers
+
+    assert data_workers("auto", Hardware(cuda=True, cpus=16))[0] == 4
+    assert data_workers("auto", Hardware(cuda=True, cpus=16, local_processes=8))[0] == 1  # 2 each: 1 + itself
+    assert data_workers("auto", Hardware(cuda=True, cpus=4, local_processes=4))[0] == 0
+    assert data_workers("auto", Hardware(cuda=True, cpus=64, local_processes=2))[0] == 4
+    assert data_workers(6, Hardware(cuda=True, cpus=2)) == (6, "set in the config")
+    n, why = data_workers("auto", Hardware(cuda=True, cpus=16, cpus_why="affinity 16", local_processes=8))
+    assert "16 usable CPUs (affinity 16) / 8 process(es) on this machine = 2 each" in why
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    detected = Hardware.detect()
+    assert (detected.processes, detected.local_processes) == (16, 8) and detected.cpus >= 1

@@ -189,7 +189,7 @@ def test_save_and_ensure_roundtrip_and_cache(tmp_path, monkeypatch):
     assert path == out
     params = json.loads((out / "synth_params.json").read_text())
     assert params["params"]["seed"] == 9 and params["params"]["n_train"] == 6
-    assert not [p for p in tmp_path.iterdir() if p.name != "synth"], "temporary directories left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".synth.lock", "synth"], "no staging left behind"
 
     loaded = datasets.load_from_disk(str(out))
     assert _raw(loaded["train"]) == _raw(generate_synthetic(**kwargs)["train"])
@@ -213,7 +213,9 @@ def test_save_and_ensure_roundtrip_and_cache(tmp_path, monkeypatch):
     assert json.loads((out / "synth_params.json").read_text())["params"]["seed"] == 10
     assert _raw(datasets.load_from_disk(str(out))["train"]) == expected_seed10
     assert (out / "synth_params.json").stat().st_mtime_ns >= stamp
-    assert not [p for p in tmp_path.iterdir() if p.name != "synth"], "old/temporary directories left behind"
+    # the replaced dataset is moved aside, not deleted (another process may be reading it); no staging left
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("synth", ".synth.lock"))
+    assert len(left) == 1 and left[0].startswith(".synth.old-"), left
 
     ensure_synthetic(out, **{**kwargs, "seed": 10})
     assert len(calls) == 1  # cached again

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from vlm_tune.config import Config
 from vlm_tune.data.collate import IGNORE_INDEX, make_collator
@@ -87,18 +88,27 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
     elif cfg.eval.every_steps and cfg.eval.select_split:
         n = len(load_split(d, cfg.eval.select_split, cfg.model.cache_dir))
         console.print(f"best checkpoint picked on {cfg.eval.select_split!r} ({n} rows in the source)")
-    from vlm_tune.runtime import hardware, precision_problems, resolve_dtype
-
-    hw = hardware()
-    console.print(
-        f"device {'cuda:' + str(hw.local_rank) + ' (' + hw.name + ')' if hw.cuda else 'cpu'}, "
-        f"model.dtype {cfg.model.dtype} → {resolve_dtype(cfg.model.dtype, hw)}"
+    from vlm_tune.runtime import (
+        config_family,
+        data_workers,
+        explain_dtype,
+        hardware,
+        precision_problems,
+        several_gpus_note,
     )
-    for problem in precision_problems(cfg.model.dtype, cfg.train.method, hw):
+
+    hw, family = hardware(), config_family(cfg)
+    dtype, why = explain_dtype(cfg.model.dtype, hw, family)
+    device = f"cuda:{hw.local_rank} ({hw.name})" if hw.cuda else "cpu"
+    console.print(f"device {device}, model.dtype {cfg.model.dtype} → {dtype} ({why})", highlight=False)
+    workers, why = data_workers(cfg.train.dataloader_num_workers, hw)
+    console.print(f"data-loader workers per process: {workers} ({why})", highlight=False, soft_wrap=True)
+    note = several_gpus_note(hw)
+    if note:
+        console.print(f"[yellow]note: {escape(note)}[/yellow]", highlight=False, soft_wrap=True)
+    for problem in precision_problems(cfg.model.dtype, cfg.train.method, hw, family):
         ok = False
         console.print(f"  [red]{problem}[/red]", highlight=False)
-    from rich.markup import escape
-
     from vlm_tune.versions import core_drift_warnings
 
     for warning in core_drift_warnings():  # a warning, not a failure: the run may well work

@@ -109,7 +109,8 @@ class ModelSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Base weights/compute dtype (trainable weights stay float32). auto: bfloat16 on GPUs "
-        "that support it, float16 on older ones (T4, V100), float32 on CPU.",
+        "that support it, float16 on older ones (T4, V100; float32 for PaliGemma 2 and Gemma 3, which overflow "
+        "float16 and refuse it), float32 on CPU.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa is fast everywhere, flash_attention_2 needs the package."

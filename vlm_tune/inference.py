@@ -57,18 +57,19 @@ def load_for_inference(
     saved = _apply_saved_image_settings(processor, path)
     quantized = saved is not None and saved.train.method == "qlora" and not for_merge
     method = "qlora" if quantized else "lora"
+    family = family_of_processor(processor)  # its precision rule (e.g. PaliGemma 2: never float16)
     if dtype is None:  # the run's dtype where this machine can run it (a T4's float16 on a CPU: auto instead)
         dtype = saved.model.dtype if saved else "auto"
-        if precision_problems(dtype, method, hardware()):
+        if precision_problems(dtype, method, hardware(), family):
             dtype = "auto"
-    rt = resolve(dtype, method)
+    rt = resolve(dtype, method, family=family)
     kwargs: dict[str, Any] = {"dtype": rt.torch_dtype}
     if quantized:
         from vlm_tune.quiet import four_bit_in_use
 
         four_bit_in_use()
         kwargs |= {
-            "quantization_config": quantization_config(rt.torch_dtype, family_of_processor(processor)),
+            "quantization_config": quantization_config(rt.torch_dtype, family),
             "device_map": {"": str(rt.device)},
         }
     if (path / "adapter_config.json").is_file():

@@ -8,9 +8,7 @@ and the vocabulary (an 800-token BPE trained offline) are its own.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -232,18 +230,28 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, spec: TinySpec | None =
 
 
 def save_built_model(model: Any, processor: Any, out_dir: Path, spec_file: str, spec: dict[str, Any]) -> Path:
-    """Write a locally built model + processor + its spec marker into out_dir atomically (a temp sibling
-    renamed into place), so an interrupted build never leaves a directory that looks complete."""
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    """Write a locally built model + processor + its spec marker to out_dir: built in a staging directory
+    beside it, then published atomically (`vlm_tune.cache.publish`), so a reader never sees a half-written
+    build, and a concurrent writer of the same build (another rank or machine) never deletes one in use."""
+    from vlm_tune.cache import publish, staging_dir
+
+    staged = staging_dir(out_dir)
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / spec_file).write_text(json.dumps(spec, indent=2) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        model.save_pretrained(staged)
+        processor.save_pretrained(staged)
+        (staged / spec_file).write_text(json.dumps(spec, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return publish(staged, out_dir, lambda path: _holds(path, spec_file, spec))
+
+
+def _holds(path: Path, spec_file: str, spec: dict[str, Any]) -> bool:
+    """path holds a complete build of spec (its marker, written last, equals spec)."""
+    try:
+        return json.loads((path / spec_file).read_text()) == spec
+    except (OSError, ValueError):
+        return False
 
 
 def stand_in_settings(

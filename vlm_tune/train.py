@@ -20,9 +20,10 @@ from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import PromptCollator, make_collator
 from vlm_tune.data.sources import LazyRows, RowDataset, load_split
 from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
+from vlm_tune.errors import UserError
 from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
 from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
-from vlm_tune.runtime import for_config
+from vlm_tune.runtime import for_config, hardware, launcher_problems, several_gpus_note
 from vlm_tune.trainer import (
     CheckpointMarker,
     GenerationEval,
@@ -42,6 +43,9 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     t_start = time.perf_counter()
     # device + dtype for everything below; an impossible precision fails here, before any loading
     rt = for_config(cfg)
+    problems = launcher_problems(cfg, rt)  # an accelerate config that contradicts this run's config
+    if problems:
+        raise UserError("; ".join(problems))
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun/accelerate's
     with state.main_process_first():  # the main process creates RUN_DIR and writes config.yaml first
         if state.is_main_process:
@@ -50,20 +54,28 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
             run_dir = Path(cfg.run.output_dir)
             checkpoint = str(find_checkpoint(run_dir, resume)) if resume else None
     is_main = state.is_main_process
+    note = several_gpus_note(hardware())
+    if note and is_main:
+        console.print(f"[vlm-tune] {note}", highlight=False, soft_wrap=True)
     set_seed(cfg.run.seed)
     _setup_trackers(cfg, run_dir)
 
+    # builtin models and synthetic data are built once per machine: the local main process first (the cache
+    # writers are also safe against other machines' writers), the other ranks then read what it published
+    cache = cfg.model.cache_dir
+    d = cfg.data
+    with state.local_main_process_first():
+        model_path = resolve_model_path(cfg)
+        train_rows, eval_source = load_split(d, d.train_split, cache), load_split(d, d.eval_split, cache)
+
     # model and processor
-    model_path = resolve_model_path(cfg)
     processor = load_processor(model_path, cfg)
     collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
 
     # data: every row decoded and measured once, before any step (rows split over the ranks)
-    cache = cfg.model.cache_dir
-    d = cfg.data
     bar = cfg.logging.progress and is_main
     train_split = prepare_split_shared(
-        load_split(d, d.train_split, cache),
+        train_rows,
         d.on_bad_row,
         d.on_overlong,
         cfg.train.max_length,
@@ -73,7 +85,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         progress=bar,
     )
     eval_split = prepare_split_shared(
-        load_split(d, d.eval_split, cache),
+        eval_source,
         d.on_bad_row,
         d.on_overlong,
         None,
@@ -245,8 +257,10 @@ def _selection_rows(cfg: Config, eval_rows: LazyRows, progress: bool) -> LazyRow
     if select == cfg.data.eval_split:
         return eval_rows[: cfg.eval.subset_size]
     d = cfg.data
+    with PartialState().local_main_process_first():  # a hub split may be downloaded: once per machine
+        rowset = load_split(d, select, cfg.model.cache_dir)
     prepared = prepare_split_shared(
-        load_split(d, select, cfg.model.cache_dir),
+        rowset,
         d.on_bad_row,
         d.on_overlong,
         None,

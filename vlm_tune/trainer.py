@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from vlm_tune.config import Config
 from vlm_tune.data.collate import IGNORE_INDEX
@@ -109,7 +108,8 @@ class VlmTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.supervised_logits_only = supervised_logits_only
         self.group_lengths = group_lengths
-        self._sup = self._tok = 0
+        # (supervised, total) tokens since the last log, on the device (read once per logging step)
+        self._tokens: torch.Tensor | None = None
         self._t0 = time.perf_counter()
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
@@ -128,9 +128,9 @@ class VlmTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         labels = inputs.get("labels")
-        if labels is not None:
-            self._sup += int((labels != IGNORE_INDEX).sum())
-            self._tok += int(inputs["attention_mask"].sum())
+        if labels is not None:  # counted on the device: no host sync in the step (read at logging)
+            counts = torch.stack([(labels != IGNORE_INDEX).sum(), inputs["attention_mask"].sum()])
+            self._tokens = counts if self._tokens is None else self._tokens + counts
         if labels is None or not self.supervised_logits_only:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = supervised_loss(model, inputs, num_items_in_batch)
@@ -139,10 +139,17 @@ class VlmTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._tok:
-            logs["supervised_fraction"] = round(self._sup / self._tok, 4)
-            logs["supervised_tokens_per_s"] = round(self._sup / max(time.perf_counter() - self._t0, 1e-9), 2)
-            self._sup = self._tok = 0
+        if "loss" in logs:  # a training log: every rank logs it at the same step
+            counts = self._tokens
+            if counts is None:
+                counts = torch.zeros(2, dtype=torch.long, device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")  # every rank's tokens
+            sup, tok = counts.tolist()  # the one host sync, once per logging step
+            if tok:
+                logs["supervised_fraction"] = round(sup / tok, 4)
+                logs["supervised_tokens_per_s"] = round(sup / max(time.perf_counter() - self._t0, 1e-9), 2)
+            self._tokens = None
             self._t0 = time.perf_counter()
         super().log(logs, *args, **kwargs)
 
@@ -159,7 +166,8 @@ class CheckpointMarker(TrainerCallback):
 
 
 class RichProgress(TrainerCallback):
-    """A progress bar with loss, learning rate, samples/s and ETA."""
+    """A progress bar with loss, learning rate, samples/s (all ranks) and ETA; batch_size is one rank's
+    samples per optimizer step."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -191,7 +199,8 @@ class RichProgress(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.progress is None or not logs or "loss" not in logs:
             return
-        rate = (state.global_step - self.step0) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        samples = (state.global_step - self.step0) * self.batch_size * args.world_size  # every rank's
+        rate = samples / max(time.perf_counter() - self.t0, 1e-9)
         self.progress.update(
             self.task,
             info=f"loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}  {rate:.1f} samples/s",
@@ -276,28 +285,14 @@ class GenerationEval(TrainerCallback):
         atomic_write(self.run_dir / BEST_FILE, text + "\n")
 
 
-def resolve_workers(value: int | str, cuda: bool, cpus: int) -> int:
-    """train.dataloader_num_workers → a number. auto: 0 on CPU (the cores train), else min(4, cpus - 1).
-
-    On a GPU, preprocessing in the training process starves it: at SmolVLM's default resolution one
-    process tiles ≈ 1.5 charts/s (docs/performance.md).
-    """
-    if value != "auto":
-        return int(value)
-    return min(4, cpus - 1) if cuda else 0
-
-
 def training_arguments(cfg: Config, run_dir: Path) -> Any:
-    """Config → transformers TrainingArguments."""
-    from transformers import TrainingArguments
-
-    from vlm_tune.runtime import for_config
+    """Config → TrainingArguments (one GPU per process: `OneGpuPerProcess`)."""
+    from vlm_tune.runtime import data_workers, for_config
 
     t = cfg.train
     rt = for_config(cfg)  # device and autocast flags: the same decision the model was loaded with
-    use_cuda = not rt.use_cpu
     report_to = [] if cfg.logging.report_to == ["none"] else list(cfg.logging.report_to)
-    return TrainingArguments(
+    return OneGpuPerProcess(
         output_dir=str(run_dir),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -316,7 +311,7 @@ def training_arguments(cfg: Config, run_dir: Path) -> Any:
         data_seed=cfg.run.seed,
         bf16=rt.bf16,
         fp16=rt.fp16,
-        dataloader_num_workers=resolve_workers(t.dataloader_num_workers, use_cuda, os.cpu_count() or 1),
+        dataloader_num_workers=data_workers(t.dataloader_num_workers)[0],
         remove_unused_columns=False,
         report_to=report_to,
         run_name=cfg.run.name,
@@ -324,6 +319,22 @@ def training_arguments(cfg: Config, run_dir: Path) -> Any:
         use_cpu=rt.use_cpu,
         ddp_find_unused_parameters=False,
     )
+
+
+class OneGpuPerProcess(TrainingArguments):
+    """TrainingArguments whose process uses at most `runtime.GPUS_PER_PROCESS` GPUs.
+
+    transformers counts the visible GPUs of an unlaunched process (`n_gpu`), then wraps the model in
+    nn.DataParallel and multiplies the batch: DataParallel splits pixel_values along dim 0, which Qwen2.5-VL,
+    Qwen3-VL, InternVL and LFM2-VL flatten across images (a crash at step 0), and the others silently train a
+    batch n_gpu times larger. Several GPUs are used through a launcher, one process each.
+    """
+
+    @property
+    def n_gpu(self) -> int:
+        from vlm_tune.runtime import GPUS_PER_PROCESS
+
+        return min(super().n_gpu, GPUS_PER_PROCESS)
 
 
 # ---------------------------------------------------------------------------------------------------------

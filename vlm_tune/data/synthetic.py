@@ -37,7 +37,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -474,9 +473,11 @@ def save_synthetic(
 ) -> Path:
     """Generate the dataset and write it to ``out_dir`` (``DatasetDict.save_to_disk`` + ``synth_params.json``).
 
-    The data is written to a temporary directory beside ``out_dir`` and renamed into place, so readers never
-    see a half-written dataset. An existing ``out_dir`` is replaced only if it is empty or holds an earlier
-    synthetic dataset (has ``synth_params.json``); anything else raises :class:`UserError`.
+    The data is written to a staging directory beside ``out_dir`` and published atomically
+    (:func:`vlm_tune.cache.publish`), so readers never see a half-written dataset and a concurrent writer of the
+    same dataset (another rank or machine) never deletes one in use. An existing ``out_dir`` is replaced only if
+    it is empty or holds an earlier synthetic dataset (has ``synth_params.json``); anything else raises
+    :class:`UserError`.
     Returns ``out_dir`` as a ``Path``.
     """
     p = _normalize_params(
@@ -494,31 +495,27 @@ def save_synthetic(
                 "choose an empty or new out_dir, or delete that directory yourself."
             )
     dsd = _generate(p)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old: Path | None = None
+    from vlm_tune.cache import publish, staging_dir
+
+    staged = staging_dir(out)
     try:
-        dsd.save_to_disk(str(tmp / "data"))
-        # Move the dataset files to the top of tmp so out_dir itself is loadable with load_from_disk.
-        for child in (tmp / "data").iterdir():
-            child.rename(tmp / child.name)
-        (tmp / "data").rmdir()
-        (tmp / PARAMS_FILE).write_text(
+        dsd.save_to_disk(str(staged / "data"))
+        # Move the dataset files to the top of the staging directory so out_dir itself loads with load_from_disk.
+        for child in (staged / "data").iterdir():
+            child.rename(staged / child.name)
+        (staged / "data").rmdir()
+        (staged / PARAMS_FILE).write_text(
             json.dumps(_params_record(p), indent=2, sort_keys=True) + "\n", "utf-8"
         )
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            out.rename(old)
-        tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            old.rename(out)
+        shutil.rmtree(staged, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+    return publish(staged, out, lambda path: _holds(path, p))
+
+
+def _holds(path: Path, p: dict[str, Any]) -> bool:
+    """path holds a complete synthetic dataset made with parameters p."""
+    return _read_params(path) == _params_record(p) and (path / "dataset_dict.json").is_file()
 
 
 def ensure_synthetic(
@@ -540,6 +537,6 @@ def ensure_synthetic(
         n_train, n_test, seed, image_size, chart_kinds, question_types, min_elements, max_elements
     )
     out = Path(out_dir)
-    if _read_params(out) == _params_record(p) and (out / "dataset_dict.json").is_file():
+    if _holds(out, p):
         return out
     return save_synthetic(out, **p)

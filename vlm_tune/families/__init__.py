@@ -10,6 +10,7 @@ tokens, processor settings) of the checkpoints its stand-ins imitate (`pinned.Pu
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class Family:
     # the pinned published values (vlm_tune.families.pinned.Published) of the checkpoints this family's
     # stand-ins imitate; the first is the builtin stand-in's
     published: tuple[Any, ...] = ()
+    # why this family must never run in float16 (its activations overflow it), or "": then model.dtype auto is
+    # float32 on a GPU without bfloat16 and an explicit float16 is refused (vlm_tune.runtime decides)
+    float16_hazard: str = ""
 
 
 def _families() -> tuple[Family, ...]:
@@ -90,6 +94,33 @@ def supported() -> str:
 def family_by_builtin(name: str) -> Family | None:
     """The family whose stand-in is `name` (e.g. builtin:tiny-qwen2.5-vl), or None."""
     return next((f for f in _families() if f.builtin == name), None)
+
+
+@functools.lru_cache(maxsize=32)
+def family_of_name(name_or_path: str, revision: str | None = None) -> Family | None:
+    """The family of model.name_or_path without loading weights: a builtin's, a local directory's config.json,
+    or a hub model's config.json (the local cache first); None when it cannot be read or is not supported.
+    Cached, so every decision in a process sees the same answer."""
+    from vlm_tune.real_decoder import BUILTIN_SMOLLM2
+
+    if name_or_path.startswith("builtin:"):
+        smolvlm = name_or_path == BUILTIN_SMOLLM2  # the real SmolLM2 decoder in a SmolVLM
+        return _families()[0] if smolvlm else family_by_builtin(name_or_path)
+    local = Path(name_or_path) / "config.json"
+    found: str | None = str(local) if local.is_file() else None
+    if found is None and not Path(name_or_path).exists() and name_or_path.count("/") == 1:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            found = hf_hub_download(name_or_path, "config.json", revision=revision)
+        except Exception:  # offline and not cached, gated, no network: no family rule can be read
+            found = None
+    if found is None:
+        return None
+    try:
+        return family_of_config(json.loads(Path(found).read_text()))
+    except (OSError, ValueError, UserError):
+        return None
 
 
 def family_of_config(config: Any) -> Family:

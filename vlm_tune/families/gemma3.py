@@ -325,6 +325,11 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
     )
 
 
+# Gemma 3's activations exceed float16's range (huggingface/transformers#36822: NaN in inference; NaN losses in
+# float16 training reported on V100): never float16; `auto` is float32 on a GPU without bfloat16. Not measured here.
+FLOAT16_HAZARD = "Gemma 3's activations overflow float16 (NaN loss or empty answers)"
+
+
 FAMILY = Family(
     name="gemma3",
     model_types=("gemma3",),
@@ -342,4 +347,5 @@ FAMILY = Family(
     expand_image_placeholders=expand_image_placeholders,
     full_projector=("multi_modal_projector",),
     published=(PUBLISHED,),
+    float16_hazard=FLOAT16_HAZARD,
 )
