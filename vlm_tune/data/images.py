@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image, ImageFile
 
@@ -34,8 +34,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(value: Any, base_dir: Path | None, row_id: str, column: str) -> Image.Image:
-    """Decode one image value (PIL image, {'bytes','path'} dict, path string) into RGB, or raise BadRow."""
+class ImageSize(NamedTuple):
+    """An image's size read from its header, nothing decoded: `.width` and `.height`, as a PIL image has them
+    (what measuring a row's tokens reads; `RowSet.row(i, images="sizes")`)."""
+
+    width: int
+    height: int
+
+
+def _opened(value: Any, base_dir: Path | None, row_id: str, column: str, decode: bool) -> Image.Image:
+    """The image of one value (PIL image, {'bytes','path'} dict, path string); decode=False reads only its
+    header (size and mode). Raises BadRow."""
     what = "image"
     try:
         if isinstance(value, Image.Image):
@@ -59,8 +68,9 @@ def open_image(value: Any, base_dir: Path | None, row_id: str, column: str) -> I
             raise BadRow(
                 "missing_image", row_id, column, f"cannot read an image from a {type(value).__name__}"
             )
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        image.load()
+        if decode:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            image.load()
     except BadRow:
         raise
     except Exception as err:  # PIL raises many types for broken files
@@ -69,7 +79,21 @@ def open_image(value: Any, base_dir: Path | None, row_id: str, column: str) -> I
         ) from None
     if image.width == 0 or image.height == 0:
         raise BadRow("empty_image", row_id, column, "image has zero size")
-    return to_rgb(image)
+    return image
+
+
+def open_image(value: Any, base_dir: Path | None, row_id: str, column: str) -> Image.Image:
+    """Decode one image value (PIL image, {'bytes','path'} dict, path string) into RGB, or raise BadRow."""
+    return to_rgb(_opened(value, base_dir, row_id, column, decode=True))
+
+
+def image_size(value: Any, base_dir: Path | None, row_id: str, column: str) -> ImageSize:
+    """The size of one image value, from its header (decoding to RGB changes the mode, never the size)."""
+    image = _opened(value, base_dir, row_id, column, decode=False)
+    size = ImageSize(image.width, image.height)
+    if image is not value:  # opened here: release its file now, not when collected
+        image.close()
+    return size
 
 
 def sample_frames(paths: list[Any], max_frames: int) -> list[Any]:
@@ -141,15 +165,18 @@ def decode_sampled_frames(path: Path, max_frames: int) -> tuple[list[Image.Image
 
 
 def expand_images(
-    value: Any, base_dir: Path | None, max_frames: int, row_id: str, column: str
-) -> list[Image.Image]:
-    """An images cell → ordered RGB images. Lists stay in order; a folder is a video as sorted frames."""
+    value: Any, base_dir: Path | None, max_frames: int, row_id: str, column: str, sizes: bool = False
+) -> list[Any]:
+    """An images cell → ordered RGB images. Lists stay in order; a folder is a video as sorted frames.
+
+    sizes=True: their `ImageSize`s instead, read from the files' headers (a video's frames are decoded)."""
+    one = image_size if sizes else open_image
     if isinstance(value, (list, tuple)):
         if not value:
             raise BadRow("missing_image", row_id, column, "image list is empty")
         out = []
         for v in value:
-            out.extend(expand_images(v, base_dir, max_frames, row_id, column))
+            out.extend(expand_images(v, base_dir, max_frames, row_id, column, sizes))
         return out
     if isinstance(value, (str, os.PathLike)):
         path = Path(value)
@@ -159,7 +186,8 @@ def expand_images(
             frames = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
             if not frames:
                 raise BadRow("missing_image", row_id, column, f"frame folder {path} holds no images")
-            return [open_image(p, None, row_id, column) for p in sample_frames(frames, max_frames)]
+            return [one(p, None, row_id, column) for p in sample_frames(frames, max_frames)]
         if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
-            return video_frames(path, max_frames, row_id, column)
-    return [open_image(value, base_dir, row_id, column)]
+            decoded = video_frames(path, max_frames, row_id, column)
+            return [ImageSize(f.width, f.height) for f in decoded] if sizes else decoded
+    return [one(value, base_dir, row_id, column)]

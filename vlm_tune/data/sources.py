@@ -143,8 +143,9 @@ class RowSet:
         col = self.columns.get("id")
         return str(raw[col]) if col and raw.get(col) is not None else f"{self.name}[{i}]"
 
-    def row(self, i: int, images: bool = True) -> dict[str, Any]:
-        """Row i; images=False leaves images undecoded (no "images" key) for scoring and reports."""
+    def row(self, i: int, images: bool | str = True) -> dict[str, Any]:
+        """Row i; images=False leaves images undecoded (no "images" key) for scoring and reports;
+        images="sizes": `ImageSize`s read from the image headers in place of images (for measuring tokens)."""
         raw = self.dataset[i]
         rid = self.row_id(i, raw)
         cols = self.columns
@@ -156,7 +157,7 @@ class RowSet:
             n_slots = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
             given = raw.get(image_col) if image_col else None
             decoded = (
-                expand_images(given, self.base_dir, self.max_frames, rid, image_col)
+                expand_images(given, self.base_dir, self.max_frames, rid, image_col, images == "sizes")
                 if images and given not in (None, "", [])
                 else []
             )
@@ -176,7 +177,7 @@ class RowSet:
         else:
             if images:
                 out["images"] = expand_images(
-                    raw.get(image_col), self.base_dir, self.max_frames, rid, image_col
+                    raw.get(image_col), self.base_dir, self.max_frames, rid, image_col, images == "sizes"
                 )
             question = raw.get(cols["question"])
             if not isinstance(question, str) or not question.strip():
@@ -424,6 +425,14 @@ class LazyRows(Sequence):
         if isinstance(i, slice):
             return LazyRows(self.rowset, self.indices[i])
         return self.rowset.row(self.indices[i])
+
+    def take(self, positions: Sequence[int]) -> LazyRows:
+        """The rows at these positions, as another LazyRows (nothing decoded)."""
+        return LazyRows(self.rowset, [self.indices[k] for k in positions])
+
+    def sized(self, k: int) -> dict[str, Any]:
+        """Row k with `ImageSize`s read from the image headers in place of its images (nothing decoded)."""
+        return self.rowset.row(self.indices[k], images="sizes")
 
     def texts(self) -> list[dict[str, Any]]:
         """Every row without its images (read once, then kept: a few hundred bytes a row)."""
