@@ -233,6 +233,20 @@ def test_preflight_count_equals_collated_length(name, processors):
         assert counts["supervised"] == int((batch["labels"] != IGNORE_INDEX).sum())
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prompt_length_equals_generation_batch_length(name, processors):
+    """The length generation batches are grouped by: exact, from image sizes alone (`ImageSize`s)."""
+    from vlm_tune.data.collate import prompt_length
+    from vlm_tune.data.images import ImageSize
+
+    p = processors[name]
+    collator = make_collator(p, "sys", TEMPLATE)
+    for images in ([img()], [img(), img(32, 20)], [img(100, 37)]):
+        r = row("42", images)
+        sized = {**r, "images": [ImageSize(*im.size) for im in images]}
+        assert prompt_length(p, collator, sized) == collator.generation_batch([r])["input_ids"].shape[1]
+
+
 # -- resolution knobs ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl"])
 def test_qwen_each_resolution_knob_changes_the_token_count(name, stand_ins):

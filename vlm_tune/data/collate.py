@@ -196,22 +196,37 @@ def count_tokens(processor: Any, collator: PromptCollator, row: dict[str, Any]) 
         return collator.count_tokens(row)
     messages = build_messages(row, collator.system, collator.user_template, with_answer=True)
     text, spans = collator.answer_spans(messages, row.get("id"))
+    total, image_tokens, enc = _expanded(processor, text, row["images"])
+    supervised = sum(1 for (s, e) in enc["offset_mapping"] for (a, b) in spans if e > s and s >= a and e <= b)
+    return {"total": total, "image": image_tokens, "supervised": supervised}
+
+
+def prompt_length(processor: Any, collator: PromptCollator, row: dict[str, Any]) -> int:
+    """Tokens of the row's generation prompt (`generation_batch` without padding), without the image processor.
+
+    Only the images' sizes are read, so `row["images"]` may hold `ImageSize`s (`RowSet.row(i, "sizes")`).
+    """
+    if not isinstance(collator, ChatCollator):
+        return collator.prompt_length(row)
+    messages = build_messages(row, collator.system, collator.user_template, with_answer=False)
+    return _expanded(processor, collator.render(messages, add_generation_prompt=True), row["images"])[0]
+
+
+def _expanded(processor: Any, text: str, images: Sequence[Any]) -> tuple[int, int, Any]:
+    """(tokens of a rendered text once its image placeholders are expanded, image tokens, the text's own
+    encoding with offsets), as the processor tokenizes in the collator: no special tokens added (the template
+    wrote them: Gemma 3's and LFM2-VL's <bos>)."""
     tok = processor.tokenizer
-    # as the processor tokenizes in the collator: no special tokens added (the template wrote them: Gemma 3's
-    # and LFM2-VL's <bos>)
     enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
-    sizes = [(im.height, im.width) for im in row["images"]]
+    sizes = [(im.height, im.width) for im in images]
     placeholder = getattr(processor, "image_token", "<image>")
     n_placeholders = text.count(placeholder)
-    supervised = sum(1 for (s, e) in enc["offset_mapping"] for (a, b) in spans if e > s and s >= a and e <= b)
     expand = family_of_processor(processor).expand_image_placeholders
     if expand is not None and sizes:
         total = len(tok(expand(processor, text, sizes), add_special_tokens=False)["input_ids"])
-        image_tokens = total - (len(enc["input_ids"]) - n_placeholders)
-    else:
-        image_tokens = sum(image_token_counts(processor, sizes)) if sizes else 0
-        total = len(enc["input_ids"]) - n_placeholders + image_tokens
-    return {"total": total, "image": image_tokens, "supervised": supervised}
+        return total, total - (len(enc["input_ids"]) - n_placeholders), enc
+    image_tokens = sum(image_token_counts(processor, sizes)) if sizes else 0
+    return len(enc["input_ids"]) - n_placeholders + image_tokens, image_tokens, enc
 
 
 def _text_of(content: Any) -> str:

@@ -100,16 +100,33 @@ class PrefixLMCollator(PromptCollator):
     def count_tokens(self, row: dict[str, Any]) -> dict[str, int]:
         """Token budget of one row without the image processor: the processor's own text layout, tokenized
         with the answer as the suffix; each `<image>` counts as the checkpoint's image tokens."""
-        from vlm_tune.data.collate import image_token_counts
-
         prefix, answer = self.prefix_and_answer(row, with_answer=True)
-        _, texts, *_ = self.processor.prepare_inputs_layout(images=[list(row["images"])], text=[prefix])
         tok = self.processor.tokenizer
-        enc = tok(texts[0], text_pair=answer + tok.eos_token, return_token_type_ids=True)
-        sizes = [(im.height, im.width) for im in row["images"]]
-        image = sum(image_token_counts(self.processor, sizes))
+        enc = tok(self._layout(prefix, row), text_pair=answer + tok.eos_token, return_token_type_ids=True)
+        image = self._image_tokens(row)
         return {
-            "total": len(enc["input_ids"]) - len(sizes) + image,
+            "total": len(enc["input_ids"]) - len(row["images"]) + image,
             "image": image,
             "supervised": sum(enc["token_type_ids"]),
         }
+
+    def prompt_length(self, row: dict[str, Any]) -> int:
+        """Tokens of the generation prefix (`generation_batch` without padding), counted as `count_tokens`
+        counts; only the images' sizes are read (`row["images"]` may hold `ImageSize`s)."""
+        prefix, _ = self.prefix_and_answer(row, with_answer=False)
+        ids = self.processor.tokenizer(self._layout(prefix, row))["input_ids"]
+        return len(ids) - len(row["images"]) + self._image_tokens(row)
+
+    def _layout(self, prefix: str, row: dict[str, Any]) -> str:
+        """The processor's text layout of a prefix (it adds `<bos>` after the images and a newline); it
+        depends only on the number of images, so 1-pixel stand-ins are passed for them."""
+        from PIL import Image
+
+        blanks = [Image.new("RGB", (1, 1)) for _ in row["images"]]
+        _, texts, *_ = self.processor.prepare_inputs_layout(images=[blanks], text=[prefix])
+        return texts[0]
+
+    def _image_tokens(self, row: dict[str, Any]) -> int:
+        from vlm_tune.data.collate import image_token_counts
+
+        return sum(image_token_counts(self.processor, [(im.height, im.width) for im in row["images"]]))
