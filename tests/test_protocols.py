@@ -265,7 +265,9 @@ def test_protocol_prompt_and_decoding_reach_generation(tiny_dir, processor, tmp_
     rows = [{"id": "r", "question": "How many bars?", "answers": ["3"], "images": [Image.new("RGB", (8, 8))]}]
     seen = {}
 
-    def fake_generate(model, processor, collator, rows, batch_size, max_new_tokens, progress, postprocess):
+    def fake_generate(
+        model, processor, collator, rows, batch_size, max_new_tokens, progress, postprocess, **feeding
+    ):
         seen.update(collator=collator, max_new_tokens=max_new_tokens)
         return [postprocess(" 3.<end_of_utterance><end_of_utterance>") for _ in rows]
 

@@ -163,7 +163,9 @@ def sharded_map(
     n = len(rows)
     mine = list(range(rank, n, world))
     extra = (-(-n // world) - len(mine)) if pad and n else 0
-    out = fn(Subset(rows, mine + [mine[-1] if mine else 0] * extra))
+    positions = mine + [mine[-1] if mine else 0] * extra
+    take = getattr(rows, "take", None)  # LazyRows: its own subset (image sizes readable without decoding)
+    out = fn(take(positions) if take else Subset(rows, positions))
     return interleave(gather_objects(list(out)[: len(mine)]), n)
 
 
@@ -176,10 +178,13 @@ def generate_answers_sharded(
     max_new_tokens: int,
     progress: str | None = None,
     postprocess: Callable[[str], str] | None = None,
+    workers: int | str = "auto",
+    stats: dict[str, Any] | None = None,
 ) -> list[str]:
     """`evaluate.generate_answers` with the rows split over all ranks; same answers, in row order, on every rank.
 
-    A progress bar (when asked) is shown by rank 0 only, over its share of the rows.
+    A progress bar (when asked) is shown by rank 0 only, over its share of the rows; `stats` counts this rank's
+    share.
     """
     from vlm_tune.evaluate import generate_answers
 
@@ -189,7 +194,18 @@ def generate_answers_sharded(
     post = {} if postprocess is None else {"postprocess": postprocess}
 
     def run(part: Sequence[dict[str, Any]]) -> list[str]:
-        return generate_answers(model, processor, collator, part, batch_size, max_new_tokens, bar, **post)
+        return generate_answers(
+            model,
+            processor,
+            collator,
+            part,
+            batch_size,
+            max_new_tokens,
+            bar,
+            workers=workers,
+            stats=stats,
+            **post,
+        )
 
     fsdp = world > 1 and is_fsdp(model)
     if not fsdp:
@@ -243,6 +259,7 @@ def evaluate_rows(
         write=rank_and_world()[0] == 0,
         protocol=protocol,
         export=export,
+        workers=cfg.train.dataloader_num_workers,
     )
 
 

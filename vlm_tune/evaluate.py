@@ -39,17 +39,25 @@ def generate_answers(
     max_new_tokens: int = 16,
     progress: str | None = None,
     postprocess: Callable[[str], str] = clean_generation,
+    workers: int | str = "auto",
+    sort: bool = True,
+    stats: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Greedy answers for rows, batch_size at a time (left padding, KV cache).
+    """Greedy answers for rows, in row order, batch_size at a time (left padding, KV cache).
 
-    `rows` is any indexable sequence; only one batch of rows (and so of images) is taken at a time, so a lazy
-    sequence (`LazyRows`) holds one batch of decoded images. Batches go to the model's device and run under
-    autocast in its compute dtype (float32 trainable weights beside a half-precision base). `progress`: a
-    label for a progress bar with answers/s (None: no bar). `postprocess` turns each decoded continuation (special
-    tokens kept) into the answer returned (an evaluation protocol's: `vlm_tune.protocols`).
+    `rows` is any indexable sequence; a lazy one (`LazyRows`) is decoded batch by batch in the loader's
+    workers (`vlm_tune.data.feeding`: at most workers × PREFETCH batches ahead), never all at once.
+    `workers`: data-loader worker processes, a number or auto, resolved by `vlm_tune.runtime.data_workers`
+    (train.dataloader_num_workers). `sort`: batch rows by prompt length (less padding; the answers are the
+    same); sort=False, workers=0 is the plain in-process feeding in row order. Batches go to the model's device
+    and run under autocast in its compute dtype (float32 trainable weights beside a half-precision base).
+    `progress`: a label for a progress bar with answers/s (None: no bar). `postprocess` turns each decoded
+    continuation (special tokens kept) into the answer returned (an evaluation protocol's: `vlm_tune.protocols`).
+    `stats`, when given, receives workers, prompt_tokens and pad_tokens (of the left-padded batches).
     """
+    from vlm_tune.data.feeding import plan_batches, prompt_lengths, prompt_loader
     from vlm_tune.progress import count_bar
-    from vlm_tune.runtime import autocast, compute_dtype, model_device
+    from vlm_tune.runtime import autocast, compute_dtype, data_workers, model_device
 
     was_training = model.training
     model.eval()
@@ -59,14 +67,21 @@ def generate_answers(
         eos.append(tok.eos_token_id)
     dtype = compute_dtype(model)
     device = model_device(model)
-    answers: list[str] = []
+    n_workers = data_workers(workers)[0]
+    lengths = prompt_lengths(processor, collator, rows) if sort else None
+    batches = plan_batches(len(rows), batch_size, lengths)
+    loader = prompt_loader(collator, rows, batches, n_workers, pin=device.type == "cuda")
+    answers: list[str] = [""] * len(rows)
+    counts = {"workers": n_workers, "prompt_tokens": 0, "pad_tokens": 0}
     bar = count_bar(progress, len(rows), "answers")
     try:
-        for start in range(0, len(rows), batch_size):
-            chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-            batch = collator.generation_batch(chunk)
-            del chunk  # the decoded images live only as long as this batch
-            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        for positions, batch in zip(batches, loader, strict=True):
+            mask = batch["attention_mask"]
+            counts["prompt_tokens"] += mask.numel()
+            counts["pad_tokens"] += int((mask == 0).sum())
+            batch = {
+                k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
+            }
             if "pixel_values" in batch and dtype in (torch.bfloat16, torch.float16):
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
             with autocast(device, dtype):
@@ -80,13 +95,15 @@ def generate_answers(
                     pad_token_id=tok.pad_token_id,
                 )
             new_tokens = out[:, batch["input_ids"].shape[1] :]
-            for ids in new_tokens:
-                answers.append(postprocess(tok.decode(ids, skip_special_tokens=False)))
+            for k, ids in zip(positions, new_tokens, strict=True):
+                answers[k] = postprocess(tok.decode(ids, skip_special_tokens=False))
             if bar is not None:
                 bar.advance(len(new_tokens))
     finally:
         if bar is not None:
             bar.stop()
+    if stats is not None:
+        stats.update(counts)
     if was_training:
         model.train()
     return answers
@@ -106,11 +123,14 @@ def evaluate(
     write: bool = True,
     protocol: str | None = None,
     export: Sequence[str] = (),
+    workers: int | str = "auto",
 ) -> dict[str, Any]:
     """Generate, score and write one evaluation; metrics.json records where and how fast it ran.
 
-    Adds device, dtype (the compute dtype), rows, wall_s (generation) and answers_per_s. Rows without images
-    are read for scoring when `rows` is lazy (`texts()`), so no image outlives its generation batch.
+    Adds device, dtype (the compute dtype), rows, wall_s (generation), answers_per_s, data_workers (`workers`
+    resolved: `generate_answers`) and padding_fraction (pad tokens / prompt tokens of the generation batches;
+    this process's share under several). Rows without images are read for scoring when `rows` is lazy
+    (`texts()`), so no image outlives its generation batch.
     `generate` replaces `generate_answers` (same signature: the sharded one under several processes);
     write=False returns the metrics without writing files (ranks other than 0).
     `protocol` (`vlm_tune.protocols`; None: vlm-tune) sets the prompt (from the collator's prompt contract),
@@ -131,6 +151,7 @@ def evaluate(
     if (setting.system, setting.user_template) != (collator.system, collator.user_template):
         collator = make_collator(processor, setting.system, setting.user_template)
     t0 = time.perf_counter()
+    feeding: dict[str, Any] = {}
     raws = (generate or generate_answers)(
         model,
         processor,
@@ -140,6 +161,8 @@ def evaluate(
         setting.max_new_tokens,
         progress,
         postprocess=cut_at_end_of_turn,
+        workers=workers,
+        stats=feeding,
     )
     wall = time.perf_counter() - t0
     texts = rows.texts() if hasattr(rows, "texts") else rows
@@ -151,6 +174,8 @@ def evaluate(
         "rows": len(raws),
         "wall_s": round(wall, 3),
         "answers_per_s": round(len(raws) / max(wall, 1e-9), 3),
+        "data_workers": feeding.get("workers"),
+        "padding_fraction": padding_fraction(feeding),
         "protocol": setting.record(),
         "image_settings": image_settings(processor),
         "special_tokens_in_raw": special,
@@ -167,6 +192,13 @@ def evaluate(
         metrics["exports"] = write_exports(out_dir, records, metrics, export)
         atomic_write(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def padding_fraction(stats: dict[str, Any]) -> float | None:
+    """Pad tokens / all prompt tokens of the generation batches `generate_answers` counted (None: none)."""
+    if not stats.get("prompt_tokens"):
+        return None
+    return round(stats["pad_tokens"] / stats["prompt_tokens"], 4)
 
 
 def score(

@@ -174,6 +174,7 @@ def run_eval(
         progress=f"eval {out.name}" if cfg.logging.progress else None,
         protocol=protocol or cfg.eval.protocol,
         export=cfg.eval.export if export is None else export,
+        workers=cfg.train.dataloader_num_workers,
     )
 
 
