@@ -1,55 +1,149 @@
-"""Batched generation vs one-sample-at-a-time, same model and rows, one run.
+"""Evaluation feeding, before and after, same model and rows, one run: answers/s, padding, same answers.
 
-    python scripts/bench_eval.py [--rows 64] [--batch-size 32]
+    python scripts/bench_eval.py [--rows 32] [--batch-size 8] [--max-new-tokens 8] [--workers auto,1]
+                                 [--repeats 3] [--models smolvlm-256m,tiny] [--cache-dir .cache/vlm-tune]
 
-Prints samples/s of each and, last, `batched/sequential samples/s ratio: X.XX`. Also checks that both
-produce the same answers (greedy decoding is deterministic; batching must not change it).
+* before: `generate_answers(..., workers=0, sort=False)`: every batch's images decoded, tiled and tokenized
+  in this process between generations, rows batched in row order;
+* after: `generate_answers(..., workers=W, sort=True)` for each W of --workers (auto: what
+  `vlm_tune.runtime.data_workers` decides here, 0 on CPU): batches made by W loader workers while the model
+  generates, rows batched by prompt length.
+
+Models (random weights, offline): smolvlm-256m is the SmolVLM-256M-Instruct rehearsal stand-in
+(`vlm_tune.rehearsal`: tiny dims behind the published processor at its default resolution, 2048 px cut into
+512-px tiles of 64 tokens, so preprocessing dominates); tiny is builtin:tiny (64 px). Rows are the synthetic
+test charts (512 px for smolvlm-256m, 64 px for tiny) squeezed to widths 1, 3/4, 1/2, 1/4 of their height in
+turn (as `bench_gpu.py`'s mixed_aspect), so rows differ in tiles and prompt length as real charts do.
+
+The arms run --repeats times, alternating (a shared CPU is noisy). Prints per model and arm: the median
+answers/s (and each repeat's), the padding fraction (pad tokens / all prompt tokens of the batches) and
+the after/before ratio of the medians; asserts every arm's answers, in every repeat, equal before's. The
+last line is `after/before answers/s ratio: X.XX` (the first model, the first --workers value).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts, run from anywhere
+
+from bench_gpu import mixed_aspect  # noqa: E402
+from bench_train import _quiet  # noqa: E402
+
+STAND_IN = "HuggingFaceTB/SmolVLM-256M-Instruct"
+CHART_PX = {"smolvlm-256m": 512, "tiny": 64}
+
+
+def model_dir(name: str, cache_dir: str) -> str:
+    """builtin:tiny, or the SmolVLM-256M stand-in built once under cache_dir/rehearsal."""
+    if name == "tiny":
+        return "builtin:tiny"
+    from vlm_tune.rehearsal import build_stand_in_model
+
+    out = Path(cache_dir) / "rehearsal" / STAND_IN.split("/")[-1]
+    if not (out / "stand_in.json").is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_stand_in_model(STAND_IN, tmp)
+        tmp.replace(out)
+    return str(out)
+
+
+def load(name: str, args: argparse.Namespace) -> tuple[Any, Any, Any, list[dict[str, Any]]]:
+    """(model, processor, collator, rows) of one model, as `vlm-tune eval` loads them."""
+    from vlm_tune.config import build_config
+    from vlm_tune.data.collate import make_collator
+    from vlm_tune.data.sources import load_split, prepare_split
+    from vlm_tune.model import load_model, load_processor, resolve_model_path
+
+    image = {"longest_edge": 64} if name == "tiny" else {}
+    synthetic = {"n_train": 8, "n_test": args.rows, "seed": 0, "image_size": CHART_PX[name]}
+    cfg = build_config(
+        {
+            "model": {
+                "name_or_path": model_dir(name, args.cache_dir),
+                "cache_dir": args.cache_dir,
+                "image": image,
+            },
+            "data": {"synthetic": synthetic},
+        }
+    )
+    path = resolve_model_path(cfg)
+    processor = load_processor(path, cfg)
+    model = load_model(path, cfg).eval()
+    collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template)
+    prepared = prepare_split(load_split(cfg.data, "test", cfg.model.cache_dir), limit=args.rows)
+    rows = mixed_aspect([prepared.rowset.row(i) for i in prepared.indices])
+    return model, processor, collator, rows
+
+
+def bench(name: str, args: argparse.Namespace) -> list[float]:
+    """Time before and each after arm on one model, --repeats times alternating; returns the after/before
+    ratios of the median rates."""
+    from vlm_tune.evaluate import generate_answers, padding_fraction
+
+    model, processor, collator, rows = load(name, args)
+    generate_answers(model, processor, collator, rows[:2], 2, args.max_new_tokens, workers=0)  # warm-up
+    arms = [("before", 0, False)] + [(f"after w={w}", w, True) for w in args.workers]
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in arms}
+    stats: dict[str, dict[str, Any]] = {}
+    first = None
+    for _ in range(args.repeats):
+        for label, workers, sort in arms:
+            stats[label] = {}
+            t0 = time.perf_counter()
+            answers = generate_answers(
+                model, processor, collator, rows, args.batch_size, args.max_new_tokens, workers=workers,
+                sort=sort, stats=stats[label],
+            )  # fmt: skip
+            rates[label].append(len(rows) / (time.perf_counter() - t0))
+            first = answers if first is None else first
+            assert answers == first, f"{name}: {label} answers differ from before's"
+    median = {label: statistics.median(r) for label, r in rates.items()}
+    for label, _, sort in arms:
+        ratio = "" if label == "before" else f"  after/before {median[label] / median['before']:.2f}"
+        runs = ", ".join(f"{r:.2f}" for r in rates[label])
+        print(
+            f"{name:>13} {label:<13} workers {stats[label]['workers']}  sorted {str(sort):<5}  {len(rows)} rows: "
+            f"{median[label]:7.2f} answers/s (median of {runs})  padding {padding_fraction(stats[label]):.3f}"
+            f"{ratio}",
+            flush=True,
+        )
+    print(f"{name:>13} identical answers in every arm and repeat: True", flush=True)
+    return [median[label] / median["before"] for label, _, _ in arms[1:]]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each arm, alternating; medians reported")
+    ap.add_argument("--workers", default="auto,1", help="comma list of worker settings for the after arms")
+    ap.add_argument("--models", default="smolvlm-256m,tiny")
     ap.add_argument("--cache-dir", default=".cache/vlm-tune")
     args = ap.parse_args()
+    args.workers = [w if w == "auto" else int(w) for w in args.workers.split(",")]
+    _quiet()
+    import torch
+
+    from vlm_tune.runtime import data_workers, hardware
+
     torch.manual_seed(0)
-
-    from vlm_tune.config import build_config
-    from vlm_tune.data.collate import ChatCollator
-    from vlm_tune.data.sources import load_split, prepare_split
-    from vlm_tune.evaluate import generate_answers
-    from vlm_tune.model import load_model, load_processor, resolve_model_path
-
-    cfg = build_config({"model": {"cache_dir": args.cache_dir, "image": {"longest_edge": 64}}})
-    path = resolve_model_path(cfg)
-    processor = load_processor(path, cfg)
-    model = load_model(path, cfg).eval()
-    collator = ChatCollator(processor, cfg.prompt.system, cfg.prompt.user_template)
-    prepared = prepare_split(load_split(cfg.data, "test", cfg.model.cache_dir), limit=args.rows)
-    rows = [prepared.rowset.row(i) for i in prepared.indices]
-
-    generate_answers(model, processor, collator, rows[:2], 2, args.max_new_tokens)  # warm-up
-    results = {}
-    for name, bs in (("sequential", 1), ("batched", args.batch_size)):
-        t0 = time.perf_counter()
-        answers = generate_answers(model, processor, collator, rows, bs, args.max_new_tokens)
-        dt = time.perf_counter() - t0
-        results[name] = (len(rows) / dt, answers)
-        print(
-            f"{name:>10}: batch {bs:>3}  {len(rows)} rows in {dt:6.2f} s  = {len(rows) / dt:8.2f} samples/s"
-        )
-    same = results["batched"][1] == results["sequential"][1]
-    print(f"identical answers: {same}")
-    print(f"batched/sequential samples/s ratio: {results['batched'][0] / results['sequential'][0]:.2f}")
+    hw = hardware()
+    print(
+        f"machine: {hw.name}, {hw.cpus} usable CPUs ({hw.cpus_why}), torch threads {torch.get_num_threads()}; "
+        f"auto workers: {data_workers('auto')[0]} ({data_workers('auto')[1]})",
+        flush=True,
+    )
+    ratios = {name: bench(name, args) for name in args.models.split(",")}
+    print(f"after/before answers/s ratio: {ratios[args.models.split(',')[0]][0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -168,3 +168,19 @@ def test_bench_train_compares_both_arms(tmp_path):
     assert masking["answer_share_of_baseline_supervision"] < 0.5  # the baseline mostly trains on the prompt
     assert 1 <= ours["supervised_tokens_per_sample"] <= 4  # answer + <end_of_utterance> only
     assert base["supervised_tokens_per_sample"] > 5 * ours["supervised_tokens_per_sample"]
+
+
+@pytest.mark.slow
+def test_bench_eval_compares_feedings_with_identical_answers(tmp_path):
+    """bench_eval.py asserts that every arm answers as the old in-process, row-order feeding did."""
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_eval.py", "--models", "tiny", "--rows", "8", "--batch-size", "4",
+         "--repeats", "1", "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"after/before answers/s ratio: \d+\.\d\d", lines[-1])
+    assert "tiny identical answers in every arm and repeat: True" in proc.stdout
+    padding = [float(x) for x in re.findall(r"padding (\d\.\d+)", proc.stdout)]
+    assert len(padding) == 3 and padding[1] == padding[2] < padding[0]  # sorted arms pad less than before
