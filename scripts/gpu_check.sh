@@ -11,7 +11,8 @@
 # 4. asserts that every model evaluation (every metrics.json: `devices` of all parameters and buffers), the
 #    `predict` answer (its JSON line) and the merge (merged/merge.json) ran on the expected device (cuda / cpu)
 #    only; the majority baseline has no model (device null);
-# 5. (cuda) scripts/bench_gpu.py and scripts/bench_train.py in the time left, after the verdict is written.
+# 5. (cuda) scripts/bench_gpu.py, scripts/bench_eval.py and scripts/bench_train.py in the time left, after the
+#    verdict is written.
 # Writes $OUT/summary.json (one file: device, per-command exit codes and times, every evaluation's metrics,
 # where predict and merge ran) and a log per step. Exit 0 only when every product command and the snippet
 # succeeded, the gpu tests passed (cuda) and everything ran on the device.
@@ -120,6 +121,10 @@ if [ "$DEVICE" = cuda ]; then  # benches in the time left (each bounded), after 
     B=$(( $(left) - 80 )); [ "$B" -gt 200 ] && B=200
     timeout "$((B + 40))" "$PY" scripts/bench_gpu.py --shape smolvlm-256m --time-budget "$B" --cache-dir "$WORK/cache" \
       --out "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1; tail -30 "$OUT/bench_gpu.log"
+  fi
+  if [ "$(left)" -gt 150 ]; then  # evaluation feeding: the target is after/before >= 1 (eval never waits on the CPU)
+    timeout 90 "$PY" scripts/bench_eval.py --models smolvlm-256m --repeats 1 --rows 64 --batch-size 16 \
+      --cache-dir "$WORK/cache" > "$OUT/bench_eval.log" 2>&1; tail -8 "$OUT/bench_eval.log"
   fi
   if [ "$(left)" -gt 60 ]; then
     timeout "$(( $(left) - 10 ))" "$PY" scripts/bench_train.py --device cuda --model "$SHAPE" --steps 20 --warmup 5 \
