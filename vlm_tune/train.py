@@ -22,7 +22,14 @@ from vlm_tune.data.sources import LazyRows, RowDataset, load_split
 from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
 from vlm_tune.errors import UserError
 from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
-from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
+from vlm_tune.model import (
+    continue_adapter,
+    load_model,
+    load_processor,
+    parameter_counts,
+    resolve_model_path,
+    setup_training,
+)
 from vlm_tune.runtime import for_config, hardware, launcher_problems, several_gpus_note
 from vlm_tune.trainer import (
     CheckpointMarker,
@@ -39,7 +46,11 @@ console = Console(stderr=True)
 
 
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
-    """Run one training job described by cfg; returns the run directory."""
+    """Run one training job described by cfg; returns the run directory (train.stage grpo: `rl.train_grpo`)."""
+    if cfg.train.stage == "grpo":
+        from vlm_tune.rl import train_grpo
+
+        return train_grpo(cfg, resume, overwrite)
     t_start = time.perf_counter()
     # device + dtype for everything below; an impossible precision fails here, before any loading
     rt = for_config(cfg)
@@ -58,7 +69,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if note and is_main:
         console.print(f"[vlm-tune] {note}", highlight=False, soft_wrap=True)
     set_seed(cfg.run.seed)
-    _setup_trackers(cfg, run_dir)
+    setup_trackers(cfg, run_dir)
 
     # builtin models and synthetic data are built once per machine: the local main process first (the cache
     # writers are also safe against other machines' writers), the other ranks then read what it published
@@ -100,7 +111,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     console.print(f"[vlm-tune] device {rt.device}, dtype {rt.dtype} (trainable weights float32)")
     results: dict[str, dict[str, Any]] = {}
     if "untrained" in cfg.eval.baselines and checkpoint is None:
-        results["untrained"] = _evaluate(
+        results["untrained"] = evaluate_in_run(
             model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained", protocol=True
         )
     if "majority" in cfg.eval.baselines and checkpoint is None and is_main:
@@ -115,7 +126,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         results["majority"] = write_eval(run_dir / "eval" / "majority", records, run)
 
     # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
-    model = setup_training(model, cfg)
+    model = continue_adapter(model, cfg) if cfg.model.adapter else setup_training(model, cfg)
     trainable, total = parameter_counts(model)
     console.print(
         f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "
@@ -130,7 +141,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if cfg.eval.every_steps:
         subset = _selection_rows(cfg, eval_rows, bar)
         gen_eval = GenerationEval(
-            lambda m, step: _evaluate(  # eval/during/ keeps the latest in-training evaluation
+            lambda m, step: evaluate_in_run(  # eval/during/ keeps the latest in-training evaluation
                 m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval", {"step": step}
             ),
             cfg.eval.every_steps,
@@ -167,7 +178,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
 
     # eval (generation split over the ranks; rank 0 writes and reports)
     if cfg.eval.at_end:
-        results["final"] = _evaluate(
+        results["final"] = evaluate_in_run(
             trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final", protocol=True
         )
     if cfg.eval.at_end and trainer.is_world_process_zero():
@@ -196,7 +207,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         console.print(
             f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}"
         )
-    _finish_trackers(cfg)
+    finish_trackers(cfg)
     console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
     return run_dir
 
@@ -223,7 +234,7 @@ def save_final(
     os.replace(tmp, final_dir)
 
 
-def _evaluate(
+def evaluate_in_run(
     model: Any,
     processor: Any,
     collator: PromptCollator,
@@ -291,7 +302,7 @@ def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _setup_trackers(cfg: Config, run_dir: Path) -> None:
+def setup_trackers(cfg: Config, run_dir: Path) -> None:
     if "wandb" in cfg.logging.report_to:
         os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
         os.environ.setdefault("WANDB_DIR", str(run_dir))
@@ -299,7 +310,7 @@ def _setup_trackers(cfg: Config, run_dir: Path) -> None:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
 
-def _finish_trackers(cfg: Config) -> None:
+def finish_trackers(cfg: Config) -> None:
     """Close this run's W&B run (its offline file complete), so a second train() in the process is its own run."""
     if "wandb" in cfg.logging.report_to:
         import wandb

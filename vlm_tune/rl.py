@@ -1,0 +1,286 @@
+"""train.stage: grpo — reinforcement fine-tuning on TRL's GRPOTrainer, the chart metric as the reward.
+
+The stage starts from model.adapter (an SFT run's RUN_DIR/final, its LoRA continued; built first when
+rl.build_adapter is set and it is missing) or from the base with a new adapter. Its prompts are the ones training,
+eval and predict use (`build_messages` → the processor's chat template, the image knobs set on the same processor
+object TRL renders with); completions stop at the family's end-of-turn token; the rewards are `vlm_tune.rewards`.
+The starting model is scored before the stage (eval/start) and the trained one after (eval/final), with the same
+files and report an SFT run writes. trl is imported here only, so SFT runs never load it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from transformers import set_seed
+
+from vlm_tune.config import Config
+from vlm_tune.data.chat import build_messages
+from vlm_tune.data.collate import make_collator
+from vlm_tune.errors import UserError
+from vlm_tune.families import family_of_processor
+
+console = Console(stderr=True)
+
+
+def prompt_dataset(prepared: Any, system: str | None, user_template: str) -> Any:
+    """A prepared split as GRPO rows (a `datasets.Dataset`, as TRL requires): `prompt` (the vlm-tune messages
+    without the answer), `images`, and the columns the rewards read (`answers`) or the logs show (`id`, `type`).
+    It holds only row indices: each row (and its images) is built when taken."""
+    from datasets import Dataset
+
+    rowset, indices = prepared.rowset, list(prepared.indices)
+
+    def rows(batch: dict[str, list]) -> dict[str, list]:
+        built = [prompt_row(rowset.row(indices[i]), system, user_template) for i in batch["index"]]
+        return {k: [r[k] for r in built] for k in ("prompt", "images", "answers", "id", "type")}
+
+    return Dataset.from_dict({"index": list(range(len(indices)))}).with_transform(rows)
+
+
+def prompt_row(row: dict[str, Any], system: str | None, user_template: str) -> dict[str, Any]:
+    """One row in GRPO's layout, prompt built by the prompt contract (`build_messages`)."""
+    return {
+        "prompt": build_messages(row, system, user_template, with_answer=False),
+        "images": list(row["images"]),
+        "answers": list(row["answers"]),
+        "id": str(row.get("id")),
+        "type": row.get("type", "all"),
+    }
+
+
+def rl_preflight(cfg: Config, processor: Any) -> None:
+    """What the stage cannot do with this config and model, as a UserError naming the key."""
+    fam = family_of_processor(processor)
+    if fam.prefix_lm:
+        raise UserError(
+            f"train.stage: grpo is not supported for {fam.name} (a prefix-LM without a chat template: TRL's "
+            "GRPOTrainer renders conversational prompts only); use train.stage: sft"
+        )
+    if cfg.rl.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "rl.use_vllm: true but vLLM is not installed; install the [vllm] extra on a GPU machine or set rl.use_vllm=false"
+        )
+    if cfg.rl.use_vllm and not torch.cuda.is_available():
+        raise UserError(
+            "rl.use_vllm: true needs a CUDA GPU; set rl.use_vllm=false to generate with transformers"
+        )
+
+
+def stop_at_end_of_turn(model: Any, processor: Any) -> list[int]:
+    """Completions end at the family's end-of-turn token: it (and the tokenizer's eos) become the model's
+    generation_config.eos_token_id, which TRL reads as its stop tokens. Returns the ids set."""
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(family_of_processor(processor).end_of_turn)]
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    model.generation_config.eos_token_id = ids
+    return ids
+
+
+def grpo_arguments(cfg: Config, run_dir: Path) -> Any:
+    """Config → trl.GRPOConfig: one generation per optimizer step of rl.prompts_per_step groups."""
+    from trl import GRPOConfig
+
+    from vlm_tune.runtime import for_config
+
+    r, t = cfg.rl, cfg.train
+    rt = for_config(cfg)
+    report_to = [] if cfg.logging.report_to == ["none"] else list(cfg.logging.report_to)
+    return GRPOConfig(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=r.prompts_per_step * r.num_generations,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=r.num_generations,
+        max_completion_length=r.max_completion_length,
+        temperature=r.temperature,
+        beta=r.beta,
+        learning_rate=r.learning_rate,
+        lr_scheduler_type="constant",
+        max_steps=r.steps,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        bf16=rt.bf16,
+        fp16=rt.fp16,
+        use_cpu=rt.use_cpu,
+        gradient_checkpointing=t.gradient_checkpointing,
+        remove_unused_columns=False,
+        use_vllm=r.use_vllm,
+        vllm_mode="colocate",
+        report_to=report_to,
+        run_name=cfg.run.name,
+        disable_tqdm=True,
+    )
+
+
+def make_grpo_trainer(
+    model: Any, processor: Any, cfg: Config, dataset: Any, run_dir: Path, callbacks: list
+) -> Any:
+    """TRL's GRPOTrainer over `model` (a PeftModel: the policy; its "ref" adapter, if loaded, the reference)."""
+    from trl import GRPOTrainer
+
+    from vlm_tune.rewards import build_rewards
+
+    stop_at_end_of_turn(model, processor)
+    fam = family_of_processor(processor)
+    funcs, weights = build_rewards(
+        cfg.rl.rewards, processor.tokenizer, fam.end_of_turn, cfg.rl.answer_format, cfg.rl.format_max_tokens
+    )
+    args = grpo_arguments(cfg, run_dir)
+    args.reward_weights = weights
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+
+def load_policy(model: Any, cfg: Config) -> Any:
+    """The policy: model.adapter continued (and loaded again as the frozen "ref" when rl.beta > 0, so the KL
+    reference is the SFT model, not the bare base), or a new adapter on the base (its reference: adapter off)."""
+    from vlm_tune.model import continue_adapter, setup_training
+
+    if cfg.model.adapter:
+        return continue_adapter(model, cfg, reference=cfg.rl.beta > 0)
+    return setup_training(model, cfg)
+
+
+def build_adapter_first(cfg: Config) -> None:
+    """rl.build_adapter: train the missing model.adapter by SFT (train.*) into its run directory."""
+    adapter = Path(cfg.model.adapter or "")
+    if not cfg.rl.build_adapter or (adapter / "adapter_config.json").is_file():
+        return
+    from vlm_tune.train import train
+
+    raw = cfg.to_dict()
+    raw["train"]["stage"] = "sft"
+    raw["model"]["adapter"] = None
+    raw["run"] |= {"output_dir": str(adapter.parent), "name": f"{cfg.run.name}-sft"}
+    raw["eval"] |= {"baselines": [], "at_end": False, "every_steps": None}
+    raw["hub"]["push_on_end"] = False
+    console.print(
+        f"[vlm-tune] model.adapter {adapter} is missing: training it first (SFT, {cfg.train.max_steps} steps)"
+    )
+    sft = Config.model_validate(raw)
+    train(sft, overwrite=True)
+    if adapter.name != "final" or not (adapter / "adapter_config.json").is_file():
+        raise UserError(
+            f"model.adapter: SFT wrote {adapter.parent / 'final'}, not {adapter}; point model.adapter there"
+        )
+
+
+def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Run the GRPO stage described by cfg; returns the run directory."""
+    from vlm_tune.data.sources import LazyRows, load_split
+    from vlm_tune.distributed import prepare_split_shared
+    from vlm_tune.evaluate import comparison_table
+    from vlm_tune.model import load_model, load_processor, resolve_model_path
+    from vlm_tune.runtime import for_config
+    from vlm_tune.train import evaluate_in_run, finish_trackers, save_final, setup_trackers
+    from vlm_tune.trainer import CheckpointMarker, plot_history, prepare_run_dir
+
+    t_start = time.perf_counter()
+    rt = for_config(cfg)
+    build_adapter_first(cfg)
+    run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)
+    set_seed(cfg.run.seed)
+    setup_trackers(cfg, run_dir)
+    d = cfg.data
+    model_path = resolve_model_path(cfg)
+    processor = load_processor(model_path, cfg)
+    rl_preflight(cfg, processor)
+    collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
+    bar = cfg.logging.progress
+    budget = (
+        cfg.train.max_length - cfg.rl.max_completion_length
+    )  # prompt + completion within train.max_length
+    train_split = prepare_split_shared(
+        load_split(d, d.train_split, cfg.model.cache_dir),
+        d.on_bad_row,
+        d.on_overlong,
+        budget,
+        processor,
+        collator,
+        limit=d.max_train_samples,
+        progress=bar,
+    )
+    eval_split = prepare_split_shared(
+        load_split(d, d.eval_split, cfg.model.cache_dir),
+        d.on_bad_row,
+        d.on_overlong,
+        None,
+        limit=cfg.eval.limit or d.max_eval_samples,
+        progress=bar,
+    )
+    console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
+    eval_rows = LazyRows.of(eval_split)
+
+    model = load_policy(load_model(model_path, cfg, rt), cfg)
+    start = "start"
+    results: dict[str, dict[str, Any]] = {}
+    if checkpoint is None:  # the starting model (model.adapter, or the base) scored before any RL step
+        results[start] = evaluate_in_run(
+            model, processor, collator, eval_rows, cfg, run_dir / "eval" / start, protocol=True
+        )
+    dataset = prompt_dataset(train_split, cfg.prompt.system, cfg.prompt.user_template)
+    if cfg.rl.skip_solved:
+        from vlm_tune.rl_filter import drop_solved
+
+        dataset = drop_solved(model, processor, cfg, dataset, run_dir)
+    trainer = make_grpo_trainer(model, processor, cfg, dataset, run_dir, [CheckpointMarker()])
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    history = trainer.state.log_history
+    save_final(trainer.model, processor, cfg, run_dir / "final")
+    (run_dir / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
+    plot_history(history, run_dir / "plots")
+    zero = [h["frac_reward_zero_std"] for h in history if "frac_reward_zero_std" in h]
+    if zero:
+        console.print(
+            f"[vlm-tune] zero-advantage groups (all completions same reward): {sum(zero) / len(zero):.0%}"
+        )
+    if cfg.eval.at_end:
+        results["final"] = evaluate_in_run(
+            trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final", protocol=True
+        )
+        if start not in results and (run_dir / "eval" / start / "metrics.json").is_file():
+            results = {start: json.loads((run_dir / "eval" / start / "metrics.json").read_text())} | results
+        console.print(f"[vlm-tune] held-out evaluation ({d.eval_split}):\n" + comparison_table(results))
+        if start in results:
+            from vlm_tune.report import write_report
+
+            write_report(
+                run_dir / "report.html",
+                run_dir / "eval" / start,
+                run_dir / "eval" / "final",
+                images=eval_rows.image_of(),
+                title=f"{cfg.run.name}: start ({_start_name(cfg)}) vs GRPO",
+            )
+    if cfg.hub.push_on_end:
+        from vlm_tune.hub import push
+
+        console.print(
+            f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}"
+        )
+    finish_trackers(cfg)
+    console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
+    return run_dir
+
+
+def _start_name(cfg: Config) -> str:
+    return f"adapter {cfg.model.adapter}" if cfg.model.adapter else "base"
