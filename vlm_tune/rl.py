@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,26 @@ from vlm_tune.families import family_of_processor
 console = Console(stderr=True)
 
 
-def prompt_dataset(prepared: Any, system: str | None, user_template: str) -> Any:
-    """A prepared split as GRPO rows (a `datasets.Dataset`, as TRL requires): `prompt` (the vlm-tune messages
+def prompt_dataset(rowset: Any, indices: list[int], system: str | None, user_template: str) -> Any:
+    """Rows `indices` of rowset as GRPO rows (a `datasets.Dataset`, as TRL requires): `prompt` (the vlm-tune messages
     without the answer), `images`, and the columns the rewards read (`answers`) or the logs show (`id`, `type`).
     It holds only row indices: each row (and its images) is built when taken."""
     from datasets import Dataset
-
-    rowset, indices = prepared.rowset, list(prepared.indices)
 
     def rows(batch: dict[str, list]) -> dict[str, list]:
         built = [prompt_row(rowset.row(indices[i]), system, user_template) for i in batch["index"]]
         return {k: [r[k] for r in built] for k in ("prompt", "images", "answers", "id", "type")}
 
-    return Dataset.from_dict({"index": list(range(len(indices)))}).with_transform(rows)
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity_error()  # a closure has no stable hash ("couldn't be hashed"): nothing is cached
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Dataset.from_dict({"index": list(range(len(indices)))}).with_transform(rows)
+    finally:
+        ds_logging.set_verbosity(level)
 
 
 def prompt_row(row: dict[str, Any], system: str | None, user_template: str) -> dict[str, Any]:
@@ -63,7 +71,7 @@ def rl_preflight(cfg: Config, processor: Any) -> None:
             f"train.stage: grpo is not supported for {fam.name} (a prefix-LM without a chat template: TRL's "
             "GRPOTrainer renders conversational prompts only); use train.stage: sft"
         )
-    if cfg.rl.use_vllm and importlib.util.find_spec("vllm") is None:
+    if cfg.rl.use_vllm and not vllm_installed():
         raise UserError(
             "rl.use_vllm: true but vLLM is not installed; install the [vllm] extra on a GPU machine or set rl.use_vllm=false"
         )
@@ -71,6 +79,11 @@ def rl_preflight(cfg: Config, processor: Any) -> None:
         raise UserError(
             "rl.use_vllm: true needs a CUDA GPU; set rl.use_vllm=false to generate with transformers"
         )
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported (TRL's colocate generation needs it)."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 def stop_at_end_of_turn(model: Any, processor: Any) -> list[int]:
@@ -196,14 +209,14 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
 
     t_start = time.perf_counter()
     rt = for_config(cfg)
+    model_path = resolve_model_path(cfg)
+    processor = load_processor(model_path, cfg)
+    rl_preflight(cfg, processor)  # before anything runs, the SFT stage that builds model.adapter included
     build_adapter_first(cfg)
     run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)
     set_seed(cfg.run.seed)
     setup_trackers(cfg, run_dir)
     d = cfg.data
-    model_path = resolve_model_path(cfg)
-    processor = load_processor(model_path, cfg)
-    rl_preflight(cfg, processor)
     collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
     bar = cfg.logging.progress
     budget = (
@@ -237,11 +250,15 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
         results[start] = evaluate_in_run(
             model, processor, collator, eval_rows, cfg, run_dir / "eval" / start, protocol=True
         )
-    dataset = prompt_dataset(train_split, cfg.prompt.system, cfg.prompt.user_template)
-    if cfg.rl.skip_solved:
+    indices = list(train_split.indices)
+    if cfg.rl.skip_solved and checkpoint is None:
         from vlm_tune.rl_filter import drop_solved
 
-        dataset = drop_solved(model, processor, cfg, dataset, run_dir)
+        indices = drop_solved(model, processor, collator, cfg, train_split.rowset, indices, run_dir)
+        (run_dir / "rl_rows.json").write_text(json.dumps(indices) + "\n")
+    elif cfg.rl.skip_solved:  # a resumed stage trains on the rows the first run kept
+        indices = json.loads((run_dir / "rl_rows.json").read_text())
+    dataset = prompt_dataset(train_split.rowset, indices, cfg.prompt.system, cfg.prompt.user_template)
     trainer = make_grpo_trainer(model, processor, cfg, dataset, run_dir, [CheckpointMarker()])
     trainer.train(resume_from_checkpoint=checkpoint)
 

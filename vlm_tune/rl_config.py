@@ -68,6 +68,10 @@ def rl_problems(cfg: Any) -> list[str]:
         problems.append(f"rl.rewards: unknown reward(s) {unknown}; use {', '.join(REWARD_NAMES)}")
     if not cfg.rl.rewards or not any(w != 0 for w in cfg.rl.rewards.values()):
         problems.append("rl.rewards: give at least one reward a non-zero weight")
+    if cfg.rl.skip_solved and not any(cfg.rl.rewards.get(m) for m in ("relaxed_accuracy", "exact_match")):
+        problems.append(
+            "rl.skip_solved: needs a metric reward (relaxed_accuracy or exact_match) in rl.rewards"
+        )
     if cfg.train.stage == "grpo" and cfg.train.method == "full" and cfg.rl.beta > 0:
         problems.append(
             "rl.beta > 0 with train.method full: the reference would be a second full model; use lora"
