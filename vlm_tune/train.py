@@ -108,6 +108,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
 
     # baselines, scored before any training (generation split over the ranks)
     model = load_model(model_path, cfg, rt)
+    if cfg.model.adapter:  # continued: the "untrained" baseline is the starting adapter, not the bare base
+        model = continue_adapter(model, cfg)
     console.print(f"[vlm-tune] device {rt.device}, dtype {rt.dtype} (trainable weights float32)")
     results: dict[str, dict[str, Any]] = {}
     if "untrained" in cfg.eval.baselines and checkpoint is None:
@@ -126,7 +128,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         results["majority"] = write_eval(run_dir / "eval" / "majority", records, run)
 
     # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
-    model = continue_adapter(model, cfg) if cfg.model.adapter else setup_training(model, cfg)
+    if not cfg.model.adapter:
+        model = setup_training(model, cfg)
     trainable, total = parameter_counts(model)
     console.print(
         f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "
