@@ -203,3 +203,21 @@ def test_without_kl_no_reference_adapter_is_loaded(lora_run, cache_dir, tmp_path
     missing = tiny_cfg(cache_dir, tmp_path / "rl", "train.stage=grpo", f"model.adapter={tmp_path / 'nope'}")
     with pytest.raises(UserError, match="model.adapter: .*nope holds no adapter_config.json"):
         load_policy(load_model(resolve_model_path(cfg), cfg), missing)
+
+
+# -- check -------------------------------------------------------------------------------------------------
+
+
+def test_check_counts_the_completion_in_the_token_budget(cache_dir, tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    sft = tiny_cfg(cache_dir, tmp_path / "run", "train.max_length=80", "rl.max_completion_length=18")
+    cfg_path.write_text(sft.to_yaml())
+    assert main(["check", str(cfg_path)]) == 0  # the SFT rows fit in 80 tokens
+    capsys.readouterr()
+    grpo = sft.model_copy(update={"train": sft.train.model_copy(update={"stage": "grpo"})})
+    grpo.model.adapter = str(tmp_path / "missing")
+    cfg_path.write_text(grpo.to_yaml())
+    assert main(["check", str(cfg_path)]) == 1  # rows of 63 tokens do not fit in 80 - 18
+    out = capsys.readouterr().out
+    assert "over 62 tokens (train.max_length less rl.max_completion_length)" in out
+    assert "GRPO stage: from" in out and "missing (set rl.build_adapter)" in out

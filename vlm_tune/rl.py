@@ -63,22 +63,42 @@ def prompt_row(row: dict[str, Any], system: str | None, user_template: str) -> d
     }
 
 
-def rl_preflight(cfg: Config, processor: Any) -> None:
-    """What the stage cannot do with this config and model, as a UserError naming the key."""
+def token_budget(cfg: Config) -> int:
+    """Tokens a GRPO row's prompt (+ gold answer) may take: train.max_length less rl.max_completion_length."""
+    return cfg.train.max_length - cfg.rl.max_completion_length
+
+
+def rl_problems_with(cfg: Config, processor: Any) -> list[str]:
+    """What the stage cannot do with this config and model, each naming the key (`vlm-tune check` lists them)."""
+    problems = []
     fam = family_of_processor(processor)
     if fam.prefix_lm:
-        raise UserError(
+        problems.append(
             f"train.stage: grpo is not supported for {fam.name} (a prefix-LM without a chat template: TRL's "
             "GRPOTrainer renders conversational prompts only); use train.stage: sft"
         )
     if cfg.rl.use_vllm and not vllm_installed():
-        raise UserError(
-            "rl.use_vllm: true but vLLM is not installed; install the [vllm] extra on a GPU machine or set rl.use_vllm=false"
+        problems.append(
+            "rl.use_vllm: true but vLLM is not installed; install the [vllm] extra on a GPU machine or set "
+            "rl.use_vllm=false"
         )
-    if cfg.rl.use_vllm and not torch.cuda.is_available():
-        raise UserError(
+    elif cfg.rl.use_vllm and not torch.cuda.is_available():
+        problems.append(
             "rl.use_vllm: true needs a CUDA GPU; set rl.use_vllm=false to generate with transformers"
         )
+    if token_budget(cfg) < 16:
+        problems.append(
+            f"rl.max_completion_length={cfg.rl.max_completion_length} leaves {token_budget(cfg)} of "
+            f"train.max_length={cfg.train.max_length} for the prompt; raise train.max_length"
+        )
+    return problems
+
+
+def rl_preflight(cfg: Config, processor: Any) -> None:
+    """`rl_problems_with` as one UserError, before anything runs."""
+    problems = rl_problems_with(cfg, processor)
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 def vllm_installed() -> bool:
