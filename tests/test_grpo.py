@@ -221,3 +221,15 @@ def test_check_counts_the_completion_in_the_token_budget(cache_dir, tmp_path, ca
     out = capsys.readouterr().out
     assert "over 62 tokens (train.max_length less rl.max_completion_length)" in out
     assert "GRPO stage: from" in out and "missing (set rl.build_adapter)" in out
+
+
+def test_sft_paths_do_not_import_trl():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vlm_tune.cli, vlm_tune.train, vlm_tune.check, vlm_tune.rewards, vlm_tune.rl; "
+        "print('trl' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
