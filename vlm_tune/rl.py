@@ -121,13 +121,11 @@ def grpo_arguments(cfg: Config, run_dir: Path) -> Any:
     """Config → trl.GRPOConfig: one generation per optimizer step of rl.prompts_per_step groups."""
     from trl import GRPOConfig
 
-    from vlm_tune.runtime import for_config
+    from vlm_tune.trainer import common_arguments
 
-    r, t = cfg.rl, cfg.train
-    rt = for_config(cfg)
-    report_to = [] if cfg.logging.report_to == ["none"] else list(cfg.logging.report_to)
+    r = cfg.rl
     return GRPOConfig(
-        output_dir=str(run_dir),
+        **common_arguments(cfg, run_dir),
         per_device_train_batch_size=r.prompts_per_step * r.num_generations,
         gradient_accumulation_steps=1,
         steps_per_generation=1,
@@ -138,23 +136,9 @@ def grpo_arguments(cfg: Config, run_dir: Path) -> Any:
         learning_rate=r.learning_rate,
         lr_scheduler_type="constant",
         max_steps=r.steps,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=cfg.run.seed,
-        data_seed=cfg.run.seed,
-        bf16=rt.bf16,
-        fp16=rt.fp16,
-        use_cpu=rt.use_cpu,
-        gradient_checkpointing=t.gradient_checkpointing,
-        remove_unused_columns=False,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
         use_vllm=r.use_vllm,
         vllm_mode="colocate",
-        report_to=report_to,
-        run_name=cfg.run.name,
-        disable_tqdm=True,
     )
 
 
@@ -220,11 +204,10 @@ def build_adapter_first(cfg: Config) -> None:
 def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run the GRPO stage described by cfg; returns the run directory."""
     from vlm_tune.data.sources import LazyRows, load_split
-    from vlm_tune.distributed import prepare_split_shared
     from vlm_tune.evaluate import comparison_table
     from vlm_tune.model import load_model, load_processor, resolve_model_path
     from vlm_tune.runtime import for_config
-    from vlm_tune.train import evaluate_in_run, finish_trackers, save_final, setup_trackers
+    from vlm_tune.train import evaluate_in_run, finish_trackers, prepare_splits, save_final, setup_trackers
     from vlm_tune.trainer import CheckpointMarker, plot_history, prepare_run_dir
 
     t_start = time.perf_counter()
@@ -238,29 +221,15 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
     setup_trackers(cfg, run_dir)
     d = cfg.data
     collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
-    bar = cfg.logging.progress
-    budget = (
-        cfg.train.max_length - cfg.rl.max_completion_length
-    )  # prompt + completion within train.max_length
-    train_split = prepare_split_shared(
+    train_split, eval_split = prepare_splits(
+        cfg,
         load_split(d, d.train_split, cfg.model.cache_dir),
-        d.on_bad_row,
-        d.on_overlong,
-        budget,
+        load_split(d, d.eval_split, cfg.model.cache_dir),
         processor,
         collator,
-        limit=d.max_train_samples,
-        progress=bar,
+        token_budget(cfg),  # prompt + answer, leaving room for the completion within train.max_length
+        cfg.logging.progress,
     )
-    eval_split = prepare_split_shared(
-        load_split(d, d.eval_split, cfg.model.cache_dir),
-        d.on_bad_row,
-        d.on_overlong,
-        None,
-        limit=cfg.eval.limit or d.max_eval_samples,
-        progress=bar,
-    )
-    console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
     eval_rows = LazyRows.of(eval_split)
 
     model = load_policy(load_model(model_path, cfg, rt), cfg)

@@ -85,25 +85,9 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
 
     # data: every row decoded and measured once, before any step (rows split over the ranks)
     bar = cfg.logging.progress and is_main
-    train_split = prepare_split_shared(
-        train_rows,
-        d.on_bad_row,
-        d.on_overlong,
-        cfg.train.max_length,
-        processor,
-        collator,
-        limit=d.max_train_samples,
-        progress=bar,
+    train_split, eval_split = prepare_splits(
+        cfg, train_rows, eval_source, processor, collator, cfg.train.max_length, bar
     )
-    eval_split = prepare_split_shared(
-        eval_source,
-        d.on_bad_row,
-        d.on_overlong,
-        None,
-        limit=cfg.eval.limit or d.max_eval_samples,
-        progress=bar,
-    )
-    console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
     eval_rows = LazyRows.of(eval_split)  # images decoded per generation batch, never all at once
 
     # baselines, scored before any training (generation split over the ranks)
@@ -213,6 +197,34 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     finish_trackers(cfg)
     console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
     return run_dir
+
+
+def prepare_splits(
+    cfg: Config, train_rows: Any, eval_source: Any, processor: Any, collator: Any, budget: int, progress: bool
+) -> tuple[Any, Any]:
+    """Both splits checked and measured under data.on_bad_row/on_overlong (training rows against `budget`
+    tokens, evaluation rows unbounded); the summary printed."""
+    d = cfg.data
+    train_split = prepare_split_shared(
+        train_rows,
+        d.on_bad_row,
+        d.on_overlong,
+        budget,
+        processor,
+        collator,
+        limit=d.max_train_samples,
+        progress=progress,
+    )
+    eval_split = prepare_split_shared(
+        eval_source,
+        d.on_bad_row,
+        d.on_overlong,
+        None,
+        limit=cfg.eval.limit or d.max_eval_samples,
+        progress=progress,
+    )
+    console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
+    return train_split, eval_split
 
 
 def save_final(
