@@ -233,3 +233,29 @@ def test_sft_paths_do_not_import_trl():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+def test_skip_solved_samples_one_group_per_row_through_the_prompt_contract(lora_run, cache_dir, tmp_path):
+    from vlm_tune.data.collate import make_collator
+    from vlm_tune.data.sources import LazyRows, load_split
+    from vlm_tune.model import load_model, load_processor, resolve_model_path
+    from vlm_tune.rl import load_policy
+    from vlm_tune.rl_filter import sample_groups
+
+    cfg = tiny_cfg(
+        cache_dir,
+        tmp_path / "rl",
+        f"model.adapter={lora_run / 'final'}",
+        "rl.num_generations=3",
+        "eval.batch_size=4",
+    )
+    path = resolve_model_path(cfg)
+    processor = load_processor(path, cfg)
+    model = load_policy(load_model(path, cfg), cfg)
+    collator = make_collator(processor, None, cfg.prompt.user_template)
+    rowset = load_split(cfg.data, "train", cfg.model.cache_dir)
+    torch.manual_seed(0)
+    groups = sample_groups(model, processor, collator, LazyRows(rowset, [0, 1, 2]), cfg)
+    assert [len(g) for g in groups] == [3, 3, 3] and all(isinstance(c, str) for g in groups for c in g)
+    eot_id = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    assert model.generation_config.eos_token_id[0] == eot_id  # sampled as the stage samples: stops at the eot
