@@ -40,7 +40,7 @@ def adapter_weights(path):
 
 @pytest.mark.slow
 def test_one_command_builds_the_sft_adapter_then_grpo_reports_start_vs_final(cache_dir, tmp_path):
-    run = train(grpo_cfg(cache_dir, tmp_path))
+    run = train(grpo_cfg(cache_dir, tmp_path, "eval.every_steps=2", "eval.subset_size=4"))
     sft = tmp_path / "sft" / "final"
     assert (sft / "adapter_config.json").is_file()  # built by the SFT stage the command ran first
     start = json.loads((run / "eval" / "start" / "metrics.json").read_text())
@@ -49,7 +49,14 @@ def test_one_command_builds_the_sft_adapter_then_grpo_reports_start_vs_final(cac
     assert "start (adapter" in (run / "report.html").read_text()
     history = json.loads((run / "train_log.json").read_text())
     logged = {k for h in history for k in h}
-    assert {"rewards/exact_match/mean", "rewards/format/mean", "frac_reward_zero_std"} <= logged
+    assert {
+        "rewards/exact_match/mean",
+        "rewards/format/mean",
+        "frac_reward_zero_std",
+        "eval_exact_match",
+    } <= logged
+    assert json.loads((run / "eval" / "during" / "metrics.json").read_text())["step"] == 2
+    assert (run / "best_checkpoint.json").is_file()
     before, after = adapter_weights(sft), adapter_weights(run / "final")
     assert before.keys() == after.keys()  # the SFT adapter continued (same LoRA), not a new one
     assert any(not torch.equal(before[k], after[k]) for k in before)

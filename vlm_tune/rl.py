@@ -207,7 +207,14 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
     from vlm_tune.evaluate import comparison_table
     from vlm_tune.model import load_model, load_processor, resolve_model_path
     from vlm_tune.runtime import for_config
-    from vlm_tune.train import evaluate_in_run, finish_trackers, prepare_splits, save_final, setup_trackers
+    from vlm_tune.train import (
+        during_eval,
+        evaluate_in_run,
+        finish_trackers,
+        prepare_splits,
+        save_final,
+        setup_trackers,
+    )
     from vlm_tune.trainer import CheckpointMarker, plot_history, prepare_run_dir
 
     t_start = time.perf_counter()
@@ -248,7 +255,11 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
     elif cfg.rl.skip_solved:  # a resumed stage trains on the rows the first run kept
         indices = json.loads((run_dir / "rl_rows.json").read_text())
     dataset = prompt_dataset(train_split.rowset, indices, cfg.prompt.system, cfg.prompt.user_template)
-    trainer = make_grpo_trainer(model, processor, cfg, dataset, run_dir, [CheckpointMarker()])
+    gen_eval = during_eval(cfg, processor, collator, eval_rows, run_dir, cfg.logging.progress)
+    callbacks = [CheckpointMarker()] + ([gen_eval] if gen_eval else [])
+    trainer = make_grpo_trainer(model, processor, cfg, dataset, run_dir, callbacks)
+    if gen_eval is not None:
+        gen_eval.log = trainer.log  # eval/<metric> in the trackers, beside the rewards
     trainer.train(resume_from_checkpoint=checkpoint)
 
     history = trainer.state.log_history

@@ -124,17 +124,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     callbacks: list[Any] = [CheckpointMarker()]
     if cfg.logging.progress:
         callbacks.append(RichProgress(cfg.train.batch_size * cfg.train.gradient_accumulation_steps))
-    gen_eval = None
-    if cfg.eval.every_steps:
-        subset = _selection_rows(cfg, eval_rows, bar)
-        gen_eval = GenerationEval(
-            lambda m, step: evaluate_in_run(  # eval/during/ keeps the latest in-training evaluation
-                m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval", {"step": step}
-            ),
-            cfg.eval.every_steps,
-            cfg.eval.best_metric,
-            run_dir,
-        )
+    gen_eval = during_eval(cfg, processor, collator, eval_rows, run_dir, bar)
+    if gen_eval is not None:
         callbacks.append(gen_eval)
     trainer = VlmTrainer(
         model=model,
@@ -274,6 +265,24 @@ def evaluate_in_run(
         label if cfg.logging.progress else None,
         protocol=cfg.eval.protocol if protocol else None,
         export=cfg.eval.export if protocol else (),
+    )
+
+
+def during_eval(
+    cfg: Config, processor: Any, collator: PromptCollator, eval_rows: LazyRows, run_dir: Path, progress: bool
+) -> GenerationEval | None:
+    """eval.every_steps: the callback that scores the selection rows while training (eval/during/, the best
+    checkpoint); None when it is not set. Its `log` is set to the trainer's once the trainer exists."""
+    if not cfg.eval.every_steps:
+        return None
+    subset = _selection_rows(cfg, eval_rows, progress)
+    return GenerationEval(
+        lambda m, step: evaluate_in_run(  # eval/during/ keeps the latest in-training evaluation
+            m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval", {"step": step}
+        ),
+        cfg.eval.every_steps,
+        cfg.eval.best_metric,
+        run_dir,
     )
 
 
