@@ -165,17 +165,24 @@ def test_continued_adapter_reference_is_the_sft_model_not_the_base(lora_run, cac
     from peft import PeftModel
     from trl.trainer.utils import use_adapter
 
-    from vlm_tune.model import load_model, resolve_model_path
-    from vlm_tune.rl import load_policy
+    from vlm_tune.data.sources import load_split
+    from vlm_tune.model import load_model, load_processor, resolve_model_path
+    from vlm_tune.rl import load_policy, make_grpo_trainer, prompt_dataset
 
     adapter = lora_run / "final"
     cfg = tiny_cfg(cache_dir, tmp_path / "rl", "train.stage=grpo", "rl.beta=0.04", f"model.adapter={adapter}")
     path = resolve_model_path(cfg)
-    policy = load_policy(load_model(path, cfg), cfg)
+    processor = load_processor(path, cfg)
+    rows = prompt_dataset(
+        load_split(cfg.data, "train", cfg.model.cache_dir), [0, 1], None, cfg.prompt.user_template
+    )
+    trainer = make_grpo_trainer(
+        load_policy(load_model(path, cfg), cfg), processor, cfg, rows, tmp_path / "rl", []
+    )
+    policy = trainer.model
     assert set(policy.peft_config) == {"default", "ref"} and policy.active_adapter == "default"
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all(".ref." not in n for n in trainable)  # the reference stays frozen
-    assert any(".default." in n for n in trainable)
     sft = PeftModel.from_pretrained(load_model(path, cfg), str(adapter)).eval()
     policy.eval()
     ids = torch.tensor([[1, 5, 9, 12, 3]])
@@ -193,16 +200,13 @@ def test_continued_adapter_reference_is_the_sft_model_not_the_base(lora_run, cac
     assert not torch.allclose(ref, base, atol=1e-3) and not torch.allclose(ref, moved, atol=1e-3)
 
 
-def test_without_kl_no_reference_adapter_is_loaded(lora_run, cache_dir, tmp_path):
+def test_continuing_a_missing_adapter_names_the_key(cache_dir, tmp_path):
     from vlm_tune.model import load_model, resolve_model_path
     from vlm_tune.rl import load_policy
 
-    cfg = tiny_cfg(cache_dir, tmp_path / "rl", "train.stage=grpo", f"model.adapter={lora_run / 'final'}")
-    policy = load_policy(load_model(resolve_model_path(cfg), cfg), cfg)
-    assert set(policy.peft_config) == {"default"}
-    missing = tiny_cfg(cache_dir, tmp_path / "rl", "train.stage=grpo", f"model.adapter={tmp_path / 'nope'}")
+    cfg = tiny_cfg(cache_dir, tmp_path / "rl", "train.stage=grpo", f"model.adapter={tmp_path / 'nope'}")
     with pytest.raises(UserError, match="model.adapter: .*nope holds no adapter_config.json"):
-        load_policy(load_model(resolve_model_path(cfg), cfg), missing)
+        load_policy(load_model(resolve_model_path(cfg), cfg), cfg)
 
 
 # -- check -------------------------------------------------------------------------------------------------

@@ -70,18 +70,22 @@ def test_one_command_builds_the_sft_adapter_then_grpo_reports_start_vs_final(cac
 
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_matches_the_straight_run(cache_dir, tmp_path):
-    straight = train(grpo_cfg(cache_dir, tmp_path))
-    step1, step2 = adapter_weights(straight / "checkpoint-1"), adapter_weights(straight / "final")
-    assert any(not torch.equal(step1[k], step2[k]) for k in step2)  # step 2 learned something to reproduce
+    # with the KL term (against the "ref" adapter TRL copies from the SFT one); step 2 has the first signal
+    straight = train(grpo_cfg(cache_dir, tmp_path, "rl.beta=0.1", "rl.steps=3"))
+    step2, step3 = adapter_weights(straight / "checkpoint-2"), adapter_weights(straight / "final")
+    assert any(not torch.equal(step2[k], step3[k]) for k in step3)  # step 3 learned something to reproduce
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(straight, resumed_dir)
-    for p in ("checkpoint-2", "final", "eval"):
+    for p in ("checkpoint-3", "final", "eval"):
         shutil.rmtree(resumed_dir / p)
-    cfg = grpo_cfg(cache_dir, tmp_path, f"run.output_dir={resumed_dir}")
-    saved = resumed_dir / "config.yaml"  # the same run, killed after checkpoint-1 (copied to compare)
+    cfg = grpo_cfg(cache_dir, tmp_path, f"run.output_dir={resumed_dir}", "rl.beta=0.1", "rl.steps=3")
+    saved = resumed_dir / "config.yaml"  # the same run, killed after checkpoint-2 (copied to compare)
     saved.write_text(saved.read_text().replace(str(straight), str(resumed_dir)))
-    train(cfg, resume=str(resumed_dir / "checkpoint-1"))
+    train(cfg, resume=str(resumed_dir / "checkpoint-2"))
     a, b = adapter_weights(straight / "final"), adapter_weights(resumed_dir / "final")
     # same data order, optimizer and RNG state: on CPU the sampled completions and so the weights are the same
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert not (resumed_dir / "eval" / "start").exists()  # the start was scored before the checkpoint
+    history = json.loads((straight / "train_log.json").read_text())
+    assert any(h.get("kl", 0) > 0 for h in history)  # the KL term ran (against the SFT adapter)
+    assert not (straight / "final" / "ref").exists()  # the reference is not saved as a second adapter

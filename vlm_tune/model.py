@@ -206,9 +206,8 @@ def setup_training(model: Any, cfg: Config) -> Any:
     return peft_model
 
 
-def continue_adapter(model: Any, cfg: Config, reference: bool = False) -> Any:
-    """The base with model.adapter loaded trainable (its LoRA continued, as `setup_training` would wrap it);
-    reference=True also loads it frozen under the name "ref" (TRL's GRPO uses that adapter as the KL reference)."""
+def continue_adapter(model: Any, cfg: Config) -> Any:
+    """The base with model.adapter loaded trainable: its LoRA continued (as `setup_training` would wrap it)."""
     from peft import PeftModel
 
     path = Path(cfg.model.adapter or "")
@@ -217,9 +216,6 @@ def continue_adapter(model: Any, cfg: Config, reference: bool = False) -> Any:
             f"model.adapter: {path} holds no adapter_config.json (expected an earlier run's RUN_DIR/final)"
         )
     peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
-    if reference:
-        peft_model.load_adapter(str(path), adapter_name="ref", is_trainable=False)
-        peft_model.set_adapter("default")
     cast_trainable_to_fp32(peft_model)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)

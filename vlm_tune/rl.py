@@ -168,13 +168,12 @@ def make_grpo_trainer(
 
 
 def load_policy(model: Any, cfg: Config) -> Any:
-    """The policy: model.adapter continued (and loaded again as the frozen "ref" when rl.beta > 0, so the KL
-    reference is the SFT model, not the bare base), or a new adapter on the base (its reference: adapter off)."""
+    """The policy: model.adapter continued, or a new adapter on the base. With rl.beta > 0 GRPOTrainer copies
+    this adapter, as it is before the first step, into a frozen adapter "ref", its KL reference: the SFT
+    model when continuing (not the bare base), the base for a new adapter (LoRA B starts at zero)."""
     from vlm_tune.model import continue_adapter, setup_training
 
-    if cfg.model.adapter:
-        return continue_adapter(model, cfg, reference=cfg.rl.beta > 0)
-    return setup_training(model, cfg)
+    return continue_adapter(model, cfg) if cfg.model.adapter else setup_training(model, cfg)
 
 
 def build_adapter_first(cfg: Config) -> None:
@@ -263,6 +262,8 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
     trainer.train(resume_from_checkpoint=checkpoint)
 
     history = trainer.state.log_history
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")  # the frozen KL reference: final/ holds the trained adapter only
     save_final(trainer.model, processor, cfg, run_dir / "final")
     (run_dir / "train_log.json").write_text(json.dumps(history, indent=1) + "\n")
     plot_history(history, run_dir / "plots")
