@@ -227,6 +227,7 @@ def test_check_counts_the_completion_in_the_token_budget(cache_dir, tmp_path, ca
     assert "GRPO stage: from" in out and "missing (set rl.build_adapter)" in out
 
 
+@pytest.mark.slow
 def test_sft_paths_do_not_import_trl():
     import subprocess
     import sys
