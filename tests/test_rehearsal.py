@@ -36,6 +36,10 @@ SIZES = [
     "eval.batch_size=4",
     "eval.max_new_tokens=3",
     "logging.progress=false",
+    "rl.steps=2",  # a GRPO config's stage (train.* sizes its SFT, when it builds model.adapter)
+    "rl.num_generations=2",
+    "rl.prompts_per_step=2",
+    "rl.max_completion_length=3",
 ]
 
 
@@ -81,6 +85,8 @@ def test_config_rehearsal(path, stand_ins, tmp_path, capsys):
     data, frames_dir = data_overrides(cfg, stand_ins)
     run_dir = tmp_path / "run"
     overrides = [f"run.output_dir={run_dir}", f"model.cache_dir={stand_ins['cache']}", *model, *SIZES, *data]
+    if cfg.model.adapter:  # a GRPO config's starting adapter: built (rl.build_adapter) under tmp_path
+        overrides.append(f"model.adapter={tmp_path / 'sft' / 'final'}")
     seconds = {"check": run_cli("check", path, *overrides)}
     seconds["train"] = run_cli("train", path, *overrides)
     log = json.loads((run_dir / "train_log.json").read_text())

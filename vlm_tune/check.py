@@ -113,6 +113,31 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
 
     for warning in core_drift_warnings():  # a warning, not a failure: the run may well work
         console.print(f"[yellow]warning: {escape(warning)}[/yellow]", highlight=False, soft_wrap=True)
+    budget, budget_name = cfg.train.max_length, f"train.max_length={cfg.train.max_length}"
+    if cfg.train.stage == "grpo":
+        from vlm_tune.rl import rl_problems_with, token_budget
+
+        budget = token_budget(cfg)
+        budget_name = f"{budget} tokens (train.max_length less rl.max_completion_length)"
+        r = cfg.rl
+        console.print(
+            f"GRPO stage: from {cfg.model.adapter or 'the base (a new adapter)'}, {r.steps} steps of "
+            f"{r.prompts_per_step} rows x {r.num_generations} completions of <= {r.max_completion_length} tokens; "
+            f"rewards {r.rewards}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if cfg.model.adapter and not (Path(cfg.model.adapter) / "adapter_config.json").is_file():
+            line = (
+                "built first by SFT (rl.build_adapter)"
+                if r.build_adapter
+                else "missing (set rl.build_adapter)"
+            )
+            ok = ok and r.build_adapter
+            console.print(f"  model.adapter {cfg.model.adapter}: {line}", highlight=False, soft_wrap=True)
+        for problem in rl_problems_with(cfg, processor):
+            ok = False
+            console.print(f"  [red]{escape(problem)}[/red]", highlight=False, soft_wrap=True)
     train_prepared = None
     for split, limit in (
         (d.train_split, d.max_train_samples),
@@ -124,7 +149,7 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
             rowset,
             "skip",
             "skip",
-            cfg.train.max_length,
+            budget,
             processor,
             collator,
             limit=limit,
@@ -144,7 +169,7 @@ def run_check(cfg: Config, dump: str | None = None, rows: int = 5) -> int:
         if prepared.skipped.get("overlong") and d.on_overlong == "error":
             ok = False
             console.print(
-                f"  [red]{prepared.skipped['overlong']} row(s) over train.max_length={cfg.train.max_length}"
+                f"  [red]{prepared.skipped['overlong']} row(s) over {budget_name}"
                 " (data.on_overlong=error)[/red]"
             )
         if prepared.tokens:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlm_tune.errors import UserError
+from vlm_tune.rl_config import RlSection, rl_problems
 
 BUILTIN_TINY = "builtin:tiny"
 SYNTHETIC = "synthetic"
@@ -122,6 +123,11 @@ class ModelSection(Section):
     cache_dir: str = Field(
         ".cache/vlm-tune", description="Where builtin models and synthetic data are cached."
     )
+    adapter: str | None = Field(
+        None,
+        description="A LoRA adapter directory (an earlier run's RUN_DIR/final) to continue training instead of "
+        "a new adapter, with train.stage sft or grpo. None = a new adapter on the base.",
+    )
 
 
 class SyntheticSection(Section):
@@ -191,6 +197,11 @@ class LoraSection(Section):
 
 
 class TrainSection(Section):
+    stage: Literal["sft", "grpo"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning (train.*); grpo: reinforcement fine-tuning on TRL's GRPOTrainer "
+        "with the chart metric as the reward (rl.*).",
+    )
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="lora, qlora (4-bit NF4 base), full."
     )
@@ -289,6 +300,7 @@ class Config(Section):
     prompt: PromptSection = Field(default_factory=PromptSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    rl: RlSection = Field(default_factory=RlSection, description="The GRPO stage (train.stage: grpo).")
     eval: EvalSection = Field(default_factory=EvalSection)
     hub: HubSection = Field(default_factory=HubSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
@@ -455,6 +467,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append(
             "eval.every_steps: must be a multiple of train.save_steps so the best checkpoint can be kept"
         )
+    problems += rl_problems(cfg)
     return problems
 
 

@@ -215,6 +215,7 @@ def _training_section(cfg: dict[str, Any], adapter: dict[str, Any]) -> list[str]
         ("train split", data.get("train_split")),
         ("seed", run.get("seed")),
     ]
+    rows = _stage_rows(cfg) + rows
     lines = ["## Training", "", "| setting | value |", "|---|---|"]
     for key, value in rows:
         if value is None or value == []:
@@ -225,6 +226,28 @@ def _training_section(cfg: dict[str, Any], adapter: dict[str, Any]) -> list[str]
         lines.append(f"| {key} | {cell} |")
     lines += ["", "The full resolved configuration is in `config.yaml`.", ""]
     return lines
+
+
+def _stage_rows(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A GRPO run's stages (SFT, then GRPO) and its rl settings; nothing for an SFT run."""
+    train, rl = cfg.get("train") or {}, cfg.get("rl") or {}
+    if train.get("stage") != "grpo":
+        return []
+    adapter = (cfg.get("model") or {}).get("adapter")
+    start = f"SFT adapter `{adapter}` (its LoRA continued)" if adapter else "the base model (a new adapter)"
+    rewards = ", ".join(f"{k} x {v}" for k, v in (rl.get("rewards") or {}).items())
+    return [
+        ("stages", f"1. SFT (supervised, answer tokens only) 2. GRPO (TRL GRPOTrainer) from {start}"),
+        ("GRPO rewards (weight)", rewards),
+        ("GRPO group size", rl.get("num_generations")),
+        ("GRPO rows per step", rl.get("prompts_per_step")),
+        ("GRPO max completion tokens", rl.get("max_completion_length")),
+        ("GRPO temperature", rl.get("temperature")),
+        ("GRPO KL beta", rl.get("beta")),
+        ("GRPO learning rate", rl.get("learning_rate")),
+        ("GRPO steps", rl.get("steps")),
+        ("SFT settings below", "those of the SFT stage that built the starting adapter"),
+    ]
 
 
 def _software_section(evals: dict[str, dict[str, Any]]) -> list[str]:
@@ -408,7 +431,15 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, merged: bo
         "",
         f"{what} {base_text} that answers questions about chart images with a short answer (a word or "
         f"a number). Trained with vlm-tune on {source_text}; only the answer tokens "
-        "were supervised. It loads with plain transformers" + (" + peft" if is_adapter else "") + " (below).",
+        "were supervised"
+        + (
+            ", then reinforced by GRPO with the evaluation metric as the reward"
+            if (cfg.get("train") or {}).get("stage") == "grpo"
+            else ""
+        )
+        + ". It loads with plain transformers"
+        + (" + peft" if is_adapter else "")
+        + " (below).",
         "",
         "Files: "
         + (

@@ -206,6 +206,22 @@ def setup_training(model: Any, cfg: Config) -> Any:
     return peft_model
 
 
+def continue_adapter(model: Any, cfg: Config) -> Any:
+    """The base with model.adapter loaded trainable: its LoRA continued (as `setup_training` would wrap it)."""
+    from peft import PeftModel
+
+    path = Path(cfg.model.adapter or "")
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(
+            f"model.adapter: {path} holds no adapter_config.json (expected an earlier run's RUN_DIR/final)"
+        )
+    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    cast_trainable_to_fp32(peft_model)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
+    return peft_model
+
+
 def enable_gradient_checkpointing(model: Any) -> None:
     """Non-reentrant activation checkpointing, without transformers' input-embedding grad hooks.
 

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = {
     ("train", "dataloader_num_workers"),
     ("train", "gradient_checkpointing"),  # memory only: same math
     ("train", "supervised_logits_only"),  # same loss
+    ("rl", "steps"),
     ("eval",),
     ("hub",),
     ("logging",),

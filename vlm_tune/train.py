@@ -22,7 +22,14 @@ from vlm_tune.data.sources import LazyRows, RowDataset, load_split
 from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
 from vlm_tune.errors import UserError
 from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
-from vlm_tune.model import load_model, load_processor, parameter_counts, resolve_model_path, setup_training
+from vlm_tune.model import (
+    continue_adapter,
+    load_model,
+    load_processor,
+    parameter_counts,
+    resolve_model_path,
+    setup_training,
+)
 from vlm_tune.runtime import for_config, hardware, launcher_problems, several_gpus_note
 from vlm_tune.trainer import (
     CheckpointMarker,
@@ -39,7 +46,11 @@ console = Console(stderr=True)
 
 
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
-    """Run one training job described by cfg; returns the run directory."""
+    """Run one training job described by cfg; returns the run directory (train.stage grpo: `rl.train_grpo`)."""
+    if cfg.train.stage == "grpo":
+        from vlm_tune.rl import train_grpo
+
+        return train_grpo(cfg, resume, overwrite)
     t_start = time.perf_counter()
     # device + dtype for everything below; an impossible precision fails here, before any loading
     rt = for_config(cfg)
@@ -58,7 +69,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if note and is_main:
         console.print(f"[vlm-tune] {note}", highlight=False, soft_wrap=True)
     set_seed(cfg.run.seed)
-    _setup_trackers(cfg, run_dir)
+    setup_trackers(cfg, run_dir)
 
     # builtin models and synthetic data are built once per machine: the local main process first (the cache
     # writers are also safe against other machines' writers), the other ranks then read what it published
@@ -74,33 +85,19 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
 
     # data: every row decoded and measured once, before any step (rows split over the ranks)
     bar = cfg.logging.progress and is_main
-    train_split = prepare_split_shared(
-        train_rows,
-        d.on_bad_row,
-        d.on_overlong,
-        cfg.train.max_length,
-        processor,
-        collator,
-        limit=d.max_train_samples,
-        progress=bar,
+    train_split, eval_split = prepare_splits(
+        cfg, train_rows, eval_source, processor, collator, cfg.train.max_length, bar
     )
-    eval_split = prepare_split_shared(
-        eval_source,
-        d.on_bad_row,
-        d.on_overlong,
-        None,
-        limit=cfg.eval.limit or d.max_eval_samples,
-        progress=bar,
-    )
-    console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
     eval_rows = LazyRows.of(eval_split)  # images decoded per generation batch, never all at once
 
     # baselines, scored before any training (generation split over the ranks)
     model = load_model(model_path, cfg, rt)
+    if cfg.model.adapter:  # continued: the "untrained" baseline is the starting adapter, not the bare base
+        model = continue_adapter(model, cfg)
     console.print(f"[vlm-tune] device {rt.device}, dtype {rt.dtype} (trainable weights float32)")
     results: dict[str, dict[str, Any]] = {}
     if "untrained" in cfg.eval.baselines and checkpoint is None:
-        results["untrained"] = _evaluate(
+        results["untrained"] = evaluate_in_run(
             model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained", protocol=True
         )
     if "majority" in cfg.eval.baselines and checkpoint is None and is_main:
@@ -115,7 +112,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         results["majority"] = write_eval(run_dir / "eval" / "majority", records, run)
 
     # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
-    model = setup_training(model, cfg)
+    if not cfg.model.adapter:
+        model = setup_training(model, cfg)
     trainable, total = parameter_counts(model)
     console.print(
         f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "
@@ -126,17 +124,8 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     callbacks: list[Any] = [CheckpointMarker()]
     if cfg.logging.progress:
         callbacks.append(RichProgress(cfg.train.batch_size * cfg.train.gradient_accumulation_steps))
-    gen_eval = None
-    if cfg.eval.every_steps:
-        subset = _selection_rows(cfg, eval_rows, bar)
-        gen_eval = GenerationEval(
-            lambda m, step: _evaluate(  # eval/during/ keeps the latest in-training evaluation
-                m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval", {"step": step}
-            ),
-            cfg.eval.every_steps,
-            cfg.eval.best_metric,
-            run_dir,
-        )
+    gen_eval = during_eval(cfg, processor, collator, eval_rows, run_dir, bar)
+    if gen_eval is not None:
         callbacks.append(gen_eval)
     trainer = VlmTrainer(
         model=model,
@@ -167,7 +156,7 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
 
     # eval (generation split over the ranks; rank 0 writes and reports)
     if cfg.eval.at_end:
-        results["final"] = _evaluate(
+        results["final"] = evaluate_in_run(
             trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final", protocol=True
         )
     if cfg.eval.at_end and trainer.is_world_process_zero():
@@ -196,9 +185,37 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         console.print(
             f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}"
         )
-    _finish_trackers(cfg)
+    finish_trackers(cfg)
     console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
     return run_dir
+
+
+def prepare_splits(
+    cfg: Config, train_rows: Any, eval_source: Any, processor: Any, collator: Any, budget: int, progress: bool
+) -> tuple[Any, Any]:
+    """Both splits checked and measured under data.on_bad_row/on_overlong (training rows against `budget`
+    tokens, evaluation rows unbounded); the summary printed."""
+    d = cfg.data
+    train_split = prepare_split_shared(
+        train_rows,
+        d.on_bad_row,
+        d.on_overlong,
+        budget,
+        processor,
+        collator,
+        limit=d.max_train_samples,
+        progress=progress,
+    )
+    eval_split = prepare_split_shared(
+        eval_source,
+        d.on_bad_row,
+        d.on_overlong,
+        None,
+        limit=cfg.eval.limit or d.max_eval_samples,
+        progress=progress,
+    )
+    console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
+    return train_split, eval_split
 
 
 def save_final(
@@ -223,7 +240,7 @@ def save_final(
     os.replace(tmp, final_dir)
 
 
-def _evaluate(
+def evaluate_in_run(
     model: Any,
     processor: Any,
     collator: PromptCollator,
@@ -248,6 +265,24 @@ def _evaluate(
         label if cfg.logging.progress else None,
         protocol=cfg.eval.protocol if protocol else None,
         export=cfg.eval.export if protocol else (),
+    )
+
+
+def during_eval(
+    cfg: Config, processor: Any, collator: PromptCollator, eval_rows: LazyRows, run_dir: Path, progress: bool
+) -> GenerationEval | None:
+    """eval.every_steps: the callback that scores the selection rows while training (eval/during/, the best
+    checkpoint); None when it is not set. Its `log` is set to the trainer's once the trainer exists."""
+    if not cfg.eval.every_steps:
+        return None
+    subset = _selection_rows(cfg, eval_rows, progress)
+    return GenerationEval(
+        lambda m, step: evaluate_in_run(  # eval/during/ keeps the latest in-training evaluation
+            m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval", {"step": step}
+        ),
+        cfg.eval.every_steps,
+        cfg.eval.best_metric,
+        run_dir,
     )
 
 
@@ -291,7 +326,7 @@ def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _setup_trackers(cfg: Config, run_dir: Path) -> None:
+def setup_trackers(cfg: Config, run_dir: Path) -> None:
     if "wandb" in cfg.logging.report_to:
         os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
         os.environ.setdefault("WANDB_DIR", str(run_dir))
@@ -299,7 +334,7 @@ def _setup_trackers(cfg: Config, run_dir: Path) -> None:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
 
 
-def _finish_trackers(cfg: Config) -> None:
+def finish_trackers(cfg: Config) -> None:
     """Close this run's W&B run (its offline file complete), so a second train() in the process is its own run."""
     if "wandb" in cfg.logging.report_to:
         import wandb

@@ -285,38 +285,47 @@ class GenerationEval(TrainerCallback):
         atomic_write(self.run_dir / BEST_FILE, text + "\n")
 
 
-def training_arguments(cfg: Config, run_dir: Path) -> Any:
-    """Config → TrainingArguments (one GPU per process: `OneGpuPerProcess`)."""
-    from vlm_tune.runtime import data_workers, for_config
+def common_arguments(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """The Trainer arguments the SFT and GRPO stages share: output, checkpoints, logging, seeds, precision."""
+    from vlm_tune.runtime import for_config
 
     t = cfg.train
     rt = for_config(cfg)  # device and autocast flags: the same decision the model was loaded with
-    report_to = [] if cfg.logging.report_to == ["none"] else list(cfg.logging.report_to)
+    return {
+        "output_dir": str(run_dir),
+        "max_grad_norm": t.max_grad_norm,
+        "logging_steps": t.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "seed": cfg.run.seed,
+        "data_seed": cfg.run.seed,
+        "bf16": rt.bf16,
+        "fp16": rt.fp16,
+        "use_cpu": rt.use_cpu,
+        "remove_unused_columns": False,
+        "report_to": [] if cfg.logging.report_to == ["none"] else list(cfg.logging.report_to),
+        "run_name": cfg.run.name,
+        "disable_tqdm": True,
+    }
+
+
+def training_arguments(cfg: Config, run_dir: Path) -> Any:
+    """Config → TrainingArguments (one GPU per process: `OneGpuPerProcess`)."""
+    from vlm_tune.runtime import data_workers
+
+    t = cfg.train
     return OneGpuPerProcess(
-        output_dir=str(run_dir),
+        **common_arguments(cfg, run_dir),
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
         max_steps=t.max_steps if t.max_steps is not None else -1,
         num_train_epochs=t.epochs,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=cfg.run.seed,
-        data_seed=cfg.run.seed,
-        bf16=rt.bf16,
-        fp16=rt.fp16,
         dataloader_num_workers=data_workers(t.dataloader_num_workers)[0],
-        remove_unused_columns=False,
-        report_to=report_to,
-        run_name=cfg.run.name,
-        disable_tqdm=True,
-        use_cpu=rt.use_cpu,
         ddp_find_unused_parameters=False,
     )
 
