@@ -10,7 +10,7 @@
   generates, rows batched by prompt length.
 
 Models (random weights, offline): smolvlm-256m is the SmolVLM-256M-Instruct rehearsal stand-in
-(`vlm_tune.rehearsal`: tiny dims behind the published processor at its default resolution, 2048 px cut into
+(`vlm_tune.standins.rehearsal`: tiny dims behind the published processor at its default resolution, 2048 px cut into
 512-px tiles of 64 tokens, so preprocessing dominates); tiny is builtin:tiny (64 px). Rows are the synthetic
 test charts (512 px for smolvlm-256m, 64 px for tiny) squeezed to widths 1, 3/4, 1/2, 1/4 of their height in
 turn (as `bench_gpu.py`'s mixed_aspect), so rows differ in tiles and prompt length as real charts do.
@@ -44,7 +44,7 @@ def model_dir(name: str, cache_dir: str) -> str:
     """builtin:tiny, or the SmolVLM-256M stand-in built once under cache_dir/rehearsal."""
     if name == "tiny":
         return "builtin:tiny"
-    from vlm_tune.rehearsal import build_stand_in_model
+    from vlm_tune.standins.rehearsal import build_stand_in_model
 
     out = Path(cache_dir) / "rehearsal" / STAND_IN.split("/")[-1]
     if not (out / "stand_in.json").is_file():

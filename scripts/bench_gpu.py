@@ -5,7 +5,7 @@
     python scripts/bench_gpu.py --shape tiny --steps 2        # CPU smoke run (a minute)
     python scripts/bench_gpu.py --shape tiny --isolate        # CPU, one process per variant: peak RSS each
 
-No network: the models are built locally by `vlm_tune.shapes` (cached under --cache-dir/shapes/NAME), the
+No network: the models are built locally by `vlm_tune.standins.shapes` (cached under --cache-dir/shapes/NAME), the
 data is synthetic charts at the tile size (512 px for 256M, 384 px for 2.2B, 64 px for tiny).
 
 Measured per shape (bf16 weights + autocast + sdpa on a GPU; float32 on CPU), each variant changing one
@@ -498,7 +498,7 @@ def bench_shape(
 ) -> list[dict[str, Any]]:
     import torch
 
-    from vlm_tune.shapes import ensure_shape_model, get_shape
+    from vlm_tune.standins.shapes import ensure_shape_model, get_shape
 
     shape = get_shape(name)
     results: list[dict[str, Any]] = []

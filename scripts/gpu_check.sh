@@ -58,7 +58,7 @@ RUN="$WORK/run"
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
   SHAPE="$WORK/cache/shapes/smolvlm-256m"
-  step build_shape 150 "$PY" -c "from vlm_tune.shapes import ensure_shape_model as e; e('smolvlm-256m', '$SHAPE', dtype='bfloat16', device='cuda')"
+  step build_shape 150 "$PY" -c "from vlm_tune.standins.shapes import ensure_shape_model as e; e('smolvlm-256m', '$SHAPE', dtype='bfloat16', device='cuda')"
   cat > "$CFG" <<EOF
 # SmolVLM-256M shape (random weights, published architecture and processor), synthetic 512-px charts.
 # longest_edge 1024 = 2x2 tiles + global view = 320 image tokens per chart (the published 2048 gives 1088).

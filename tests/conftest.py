@@ -50,7 +50,7 @@ def _torchvision_required(request):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from vlm_tune.tiny import ensure_tiny_model
+    from vlm_tune.standins.tiny import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -118,7 +118,7 @@ def lora_run(cache_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_decoder_dir(tmp_path_factory):
     """builtin:smollm2-135m (the real SmolLM2-135M decoder, from the [real-decoder] extra), built once."""
-    from vlm_tune.real_decoder import ensure_real_decoder_model
+    from vlm_tune.standins.real_decoder import ensure_real_decoder_model
 
     return ensure_real_decoder_model(tmp_path_factory.mktemp("smollm2") / "smollm2-135m")
 

@@ -26,7 +26,7 @@ def _script(name):
 
 @pytest.mark.parametrize(("name", "seq_len", "nominal", "exact"), SHAPES_EXPECTED)
 def test_shape_config_gives_published_image_seq_len(name, seq_len, nominal, exact):
-    from vlm_tune.shapes import SHAPES, config_image_seq_len, shape_config
+    from vlm_tune.standins.shapes import SHAPES, config_image_seq_len, shape_config
 
     config = shape_config(name)
     assert config_image_seq_len(config) == seq_len == SHAPES[name].image_seq_len
@@ -35,7 +35,7 @@ def test_shape_config_gives_published_image_seq_len(name, seq_len, nominal, exac
 
 @pytest.mark.parametrize(("name", "seq_len", "nominal", "exact"), SHAPES_EXPECTED)
 def test_parameter_count_on_meta_matches_published_size(name, seq_len, nominal, exact):
-    from vlm_tune.shapes import TOKENIZER_VOCAB, parameter_count, vocab_difference
+    from vlm_tune.standins.shapes import TOKENIZER_VOCAB, parameter_count, vocab_difference
 
     counts = parameter_count(name)
     assert counts["total"] == exact
@@ -52,7 +52,7 @@ def test_parameter_count_on_meta_matches_published_size(name, seq_len, nominal, 
 def test_shape_processor_tiles_like_the_real_one(name, image_px, tokens):
     from PIL import Image
 
-    from vlm_tune.shapes import shape_processor
+    from vlm_tune.standins.shapes import shape_processor
 
     processor = shape_processor(name)
     text = processor.apply_chat_template(
@@ -91,7 +91,7 @@ def _run_script(tmp_path, name, *args):
 
 
 def test_flop_model_matches_parameter_counts():
-    from vlm_tune.shapes import parameter_count, shape_config
+    from vlm_tune.standins.shapes import parameter_count, shape_config
 
     bench = _script("bench_gpu")
     fp = bench.flop_params(shape_config("smolvlm-256m"))

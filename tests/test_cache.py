@@ -6,7 +6,7 @@ import json
 import threading
 from pathlib import Path
 
-from vlm_tune.tiny import save_built_model
+from vlm_tune.standins.scaffold import save_built_model
 
 WRITERS = 6
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from vlm_tune.real_decoder import BASE_VOCAB, VOCAB_SIZE, smolvlm_added_tokens
+from vlm_tune.standins.real_decoder import BASE_VOCAB, VOCAB_SIZE, smolvlm_added_tokens
 
 # ids read from the published SmolVLM(2) tokenizer files (see smolvlm_added_tokens' docstring)
 PUBLISHED = {
@@ -86,7 +86,7 @@ def test_missing_extra_is_a_clear_error(monkeypatch):
     import importlib.util
 
     from vlm_tune.errors import UserError
-    from vlm_tune.real_decoder import gguf_path
+    from vlm_tune.standins.real_decoder import gguf_path
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -17,7 +17,7 @@ import yaml
 
 from vlm_tune.cli import main
 from vlm_tune.config import load_config
-from vlm_tune.rehearsal import (
+from vlm_tune.standins.rehearsal import (
     STAND_INS,
     build_stand_in_model,
     chartqa_stand_in,
@@ -98,7 +98,7 @@ def test_config_rehearsal(path, stand_ins, tmp_path, capsys):
     assert metrics["n"] == 4
     if frames_dir is None:
         image = tmp_path / "chart.png"
-        from vlm_tune.rehearsal import _chart
+        from vlm_tune.standins.rehearsal import _chart
 
         _chart(3).save(image)
         inputs = ["--image", image]

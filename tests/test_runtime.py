@@ -203,7 +203,7 @@ def test_every_family_loads_its_image_processor_in_the_decided_backend(monkeypat
     from transformers.image_processing_backends import PilBackend
 
     from vlm_tune.families import all_families, load_processor
-    from vlm_tune.tiny import ensure_tiny_model
+    from vlm_tune.standins.tiny import ensure_tiny_model
 
     monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", "pil")
     for fam in all_families():
@@ -218,7 +218,7 @@ def test_fsdp_launch_leaves_placement_to_accelerate(cache_dir, monkeypatch):
     runtime whose device is `meta` (a stand-in for a GPU that cannot hold the model) is not applied."""
     from vlm_tune.model import load_model
     from vlm_tune.runtime import Runtime
-    from vlm_tune.tiny import ensure_tiny_model
+    from vlm_tune.standins.tiny import ensure_tiny_model
 
     path = str(ensure_tiny_model(cache_dir / "tiny-model"))
     cfg = tiny_cfg(cache_dir, cache_dir / "unused")

@@ -7,14 +7,14 @@ import pytest
 from PIL import Image
 
 from vlm_tune.data.collate import IGNORE_INDEX, ChatCollator, count_tokens
-from vlm_tune.rehearsal import build_stand_in_model, write_video
+from vlm_tune.standins.rehearsal import build_stand_in_model, write_video
 
 SMOLVLM2 = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 
 
 @pytest.fixture(scope="module")
 def smolvlm2_processor(tmp_path_factory):
-    from vlm_tune.smolvlm2 import auto_processor
+    from vlm_tune.families.smolvlm import auto_processor
 
     model_dir = build_stand_in_model(SMOLVLM2, tmp_path_factory.mktemp("smolvlm2") / "model")
     processor = auto_processor(str(model_dir))
@@ -23,7 +23,7 @@ def smolvlm2_processor(tmp_path_factory):
 
 
 def test_processor_is_smolvlm_and_loads_without_torchvision(smolvlm2_processor, tmp_path):
-    from vlm_tune.smolvlm2 import auto_processor
+    from vlm_tune.families.smolvlm import auto_processor
 
     assert type(smolvlm2_processor).__name__ == "SmolVLMProcessor"
     assert type(smolvlm2_processor.image_processor).__name__.startswith("SmolVLMImageProcessor")

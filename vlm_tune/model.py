@@ -24,7 +24,6 @@ from vlm_tune.families import (
     family_of_processor,
 )
 from vlm_tune.families.smolvlm import TARGET_PRESETS, VISION_MODULE  # noqa: F401  (SmolVLM's, re-exported)
-from vlm_tune.real_decoder import BUILTIN_SMOLLM2
 from vlm_tune.runtime import (  # noqa: F401 (DTYPES: scripts)
     DTYPES,
     Runtime,
@@ -32,6 +31,7 @@ from vlm_tune.runtime import (  # noqa: F401 (DTYPES: scripts)
     for_config,
     fsdp_launch,
 )
+from vlm_tune.standins.real_decoder import BUILTIN_SMOLLM2
 
 
 def lora_target_regex(targets: list[str] | str, presets: dict[str, str] | None = None) -> str:
@@ -47,11 +47,11 @@ def resolve_model_path(cfg: Config) -> str:
     id checked offline first."""
     name = cfg.model.name_or_path
     if name == BUILTIN_TINY:
-        from vlm_tune.tiny import ensure_tiny_model
+        from vlm_tune.standins.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(Path(cfg.model.cache_dir) / "tiny-model"))
     if name == BUILTIN_SMOLLM2:
-        from vlm_tune.real_decoder import ensure_real_decoder_model
+        from vlm_tune.standins.real_decoder import ensure_real_decoder_model
 
         return str(ensure_real_decoder_model(Path(cfg.model.cache_dir) / "smollm2-135m"))
     if name.startswith("builtin:"):

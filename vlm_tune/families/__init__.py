@@ -36,7 +36,7 @@ class Family:
     vision_save_modules: Callable[[Any], list[str]]  # model → modules trained fully under model.train_vision
     apply_image_settings: Callable[[Any, Any], None]  # (processor, ImageSection) → processor knobs
     # (out_dir, seed=0, **published) → saved stand-in directory; `published` overrides the tiny processor
-    # settings with a real checkpoint's (vlm_tune.rehearsal.STAND_INS), dims stay tiny
+    # settings with a real checkpoint's (vlm_tune.standins.rehearsal.STAND_INS), dims stay tiny
     build_stand_in: Callable[..., Path]
     load_processor: Callable[[str, str | None], Any] | None = None  # when AutoProcessor is not enough
     # model.image (a dict, as saved in config.yaml) → lines of the model card's snippet that set the same
@@ -101,7 +101,7 @@ def family_of_name(name_or_path: str, revision: str | None = None) -> Family | N
     """The family of model.name_or_path without loading weights: a builtin's, a local directory's config.json,
     or a hub model's config.json (the local cache first); None when it cannot be read or is not supported.
     Cached, so every decision in a process sees the same answer."""
-    from vlm_tune.real_decoder import BUILTIN_SMOLLM2
+    from vlm_tune.standins.real_decoder import BUILTIN_SMOLLM2
 
     if name_or_path.startswith("builtin:"):
         smolvlm = name_or_path == BUILTIN_SMOLLM2  # the real SmolLM2 decoder in a SmolVLM

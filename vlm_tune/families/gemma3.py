@@ -232,7 +232,7 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
+    from vlm_tune.standins.scaffold import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
     s = stand_in_settings("Gemma 3", STAND_IN, published, ("image_mean", "image_std"))
     out_dir = Path(out_dir)

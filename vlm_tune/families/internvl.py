@@ -253,7 +253,7 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
     import transformers
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
+    from vlm_tune.standins.scaffold import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
     s = stand_in_settings("InternVL", STAND_IN, published, OPTIONAL)
     out_dir = Path(out_dir)

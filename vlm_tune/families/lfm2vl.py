@@ -243,7 +243,7 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
     import transformers
 
     from vlm_tune.families.lfm2vl_image import Lfm2VlImageProcessorPil
-    from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
+    from vlm_tune.standins.scaffold import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
     s = stand_in_settings("LFM2-VL", STAND_IN, published, OPTIONAL)
     out_dir = Path(out_dir)

@@ -169,7 +169,7 @@ def build_tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, models, normalizers, trainers
     from transformers import GemmaTokenizer
 
-    from vlm_tune.tiny import _corpus
+    from vlm_tune.standins.scaffold import _corpus
 
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
@@ -193,7 +193,7 @@ def _build(out_dir: str | Path, seed: int = 0, **published: Any) -> Path:
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from vlm_tune.tiny import reuse_or_prepare, save_stand_in, stand_in_settings
+    from vlm_tune.standins.scaffold import reuse_or_prepare, save_stand_in, stand_in_settings
 
     s = stand_in_settings("PaliGemma", STAND_IN, published, ("image_mean", "image_std"))
     out_dir = Path(out_dir)

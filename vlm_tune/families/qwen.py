@@ -375,7 +375,7 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0, **published: Any) -> P
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vlm_tune.tiny import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
+    from vlm_tune.standins.scaffold import build_tokenizer, reuse_or_prepare, save_stand_in, stand_in_settings
 
     s = stand_in_settings("Qwen", STAND_IN, published, ("image_mean", "image_std"))
     out_dir = Path(out_dir)

@@ -5,7 +5,8 @@ Module names (transformers 5.x): decoder `model.text_model.layers.N.{self_attn,m
 presets are anchored). An image becomes tiles of `image_seq_len` `<image>` tokens, framed by
 `<fake_token_around_image>`, `<row_i_col_j>` and `<global-img>` markers; an answer ends with
 `<end_of_utterance>`. Resolution knobs: `model.image.longest_edge` → image processor `size`, `tile_size` →
-`max_image_size`, `do_image_splitting`. The offline stand-in is `vlm_tune.tiny` (`builtin:tiny`).
+`max_image_size`, `do_image_splitting`. The offline stand-in is `vlm_tune.standins.tiny` (`builtin:tiny`).
+SmolVLM2's processor also loads where torchvision is missing (`auto_processor`).
 
 Published values (pinned in `published/smolvlm/` and `published/smolvlm2/`, read by every SmolVLM stand-in:
 `builtin:tiny`, `builtin:smollm2-135m`, the rehearsal stand-ins and the benchmark shapes):
@@ -99,7 +100,7 @@ SMOLVLM_INSTRUCT = Published(
     unverified={
         "special_tokens": "no tokenizer file of SmolVLM-Instruct was found; its stand-in uses SmolVLM-256M's",
         "processor_settings": "no processor file of SmolVLM-Instruct was found; 384-px tiles, longest edge 1536 "
-        "and 81 tokens per tile are written from knowledge of the hub files (vlm_tune.shapes)",
+        "and 81 tokens per tile are written from knowledge of the hub files (vlm_tune.standins.shapes)",
     },
 )
 SMOLVLM2 = Published(
@@ -131,7 +132,7 @@ def build_tokenizer(vocab_size: int = 800) -> Any:
     """The offline tokenizer (a BPE trained on chart-QA text) with SmolVLM-256M's published special tokens:
     bos <|im_start|> (never added by the tokenizer: the template writes it), eos <end_of_utterance>, pad
     <|im_end|>, unk <|endoftext|>."""
-    from vlm_tune.tiny import build_tokenizer as bpe
+    from vlm_tune.standins.scaffold import build_tokenizer as bpe
 
     t = SMOLVLM_256M.special_tokens()
     return bpe(
@@ -225,18 +226,73 @@ def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int
     return [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+# -- loading: SmolVLM2 on installs without torchvision -------------------------------------------------------
+# SmolVLMProcessor holds a video processor. transformers 5.24 checks each processor part against a base
+# class looked up by name on the top-level `transformers` module, and `VideoProcessorMixin` is exported there
+# only when torchvision imports. On CPU machines where torchvision cannot be used (see facts: the index's
+# torchvision does not load beside the CPU torch wheel) the check raises "VIDEO_PROCESSOR_MAPPING has no
+# attribute '_extra_content'" and no SmolVLM2 processor can be built or loaded. vlm-tune feeds video as frames
+# (images), so the video processor is never run; exporting the mixin makes the check pass and changes nothing
+# else.
+
+
+def allow_video_processor_without_torchvision() -> None:
+    """Export `transformers.VideoProcessorMixin` when torchvision is missing (idempotent)."""
+    from transformers import processing_utils
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return
+    from transformers.video_processing_utils import VideoProcessorMixin
+
+    module = processing_utils.transformers_module  # the module object the class check looks names up on
+    if module.__dict__.get("VideoProcessorMixin") is not VideoProcessorMixin:
+        module.VideoProcessorMixin = VideoProcessorMixin
+
+
+def load_smolvlm_processor(path: str, revision: str | None, image_processor: Any) -> Any:
+    """SmolVLMProcessor with its parts passed in, for when `AutoProcessor` refuses it without torchvision.
+
+    AutoVideoProcessor returns a torchvision-only placeholder class there; the real SmolVLMVideoProcessor
+    class loads its config fine (and is never run: frames go through the image processor).
+    """
+    from transformers import AutoTokenizer, SmolVLMProcessor
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    allow_video_processor_without_torchvision()
+    parts = {
+        "image_processor": image_processor,
+        "tokenizer": AutoTokenizer.from_pretrained(path, revision=revision),
+        "video_processor": SmolVLMVideoProcessor.from_pretrained(path, revision=revision),
+    }
+    # not from_pretrained(..., video_processor=...): transformers 5.25 hands the keyword on to the tokenizer
+    # it loads first, which then cannot save its config
+    processor_dict, _ = SmolVLMProcessor.get_processor_dict(path, revision=revision)
+    return SmolVLMProcessor.from_dict(processor_dict, **parts)
+
+
+def auto_processor(path: str, revision: str | None = None) -> Any:
+    """`AutoProcessor.from_pretrained` with the image processor in vlm-tune's backend, and SmolVLM2
+    loadable on installs without torchvision."""
+    from transformers import AutoProcessor
+
+    from vlm_tune.families import load_image_processor
+
+    allow_video_processor_without_torchvision()
+    image_processor = load_image_processor(path, revision)
+    try:
+        return AutoProcessor.from_pretrained(path, revision=revision, image_processor=image_processor)
+    except ImportError as err:
+        if "SmolVLMVideoProcessor" not in str(err):
+            raise
+        return load_smolvlm_processor(path, revision, image_processor)
+
+
 def _build_stand_in(out_dir: str | Path, seed: int = 0) -> Path:
-    """builtin:tiny (real SmolVLM checkpoints are rehearsed by vlm_tune.rehearsal's own SmolVLM builder)."""
-    from vlm_tune.tiny import ensure_tiny_model
+    """builtin:tiny (real SmolVLM checkpoints are rehearsed by vlm_tune.standins.rehearsal's own builder)."""
+    from vlm_tune.standins.tiny import ensure_tiny_model
 
     return ensure_tiny_model(out_dir, seed)
-
-
-def _load_processor(path: str, revision: str | None = None) -> Any:
-    """AutoProcessor; SmolVLM2's also where torchvision is missing (vlm_tune.smolvlm2)."""
-    from vlm_tune.smolvlm2 import auto_processor
-
-    return auto_processor(path, revision)
 
 
 FAMILY = Family(
@@ -252,7 +308,7 @@ FAMILY = Family(
     vision_save_modules=lambda model: ["vision_model"],
     apply_image_settings=apply_image_settings,
     build_stand_in=_build_stand_in,
-    load_processor=_load_processor,
+    load_processor=auto_processor,
     card_image_lines=card_image_lines,
     image_token_counts=image_token_counts,
     published=(SMOLVLM_256M, SMOLVLM_INSTRUCT, SMOLVLM2),

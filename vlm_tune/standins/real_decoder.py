@@ -92,7 +92,7 @@ def build_processor(spec: RealDecoderSpec | None = None) -> Any:
     from transformers import AutoTokenizer, Idefics3Processor
 
     from vlm_tune.families.smolvlm import SMOLVLM_256M
-    from vlm_tune.tiny import TinySpec, _image_processor
+    from vlm_tune.standins.tiny import TinySpec, _image_processor
 
     spec = spec or RealDecoderSpec()
     path = gguf_path()
@@ -213,7 +213,7 @@ def build_real_decoder_model(out_dir: str | Path, seed: int = 0, spec: RealDecod
     for key, value in generation_ids(processor.tokenizer).items():  # SmolVLM-256M's published ones
         setattr(model.generation_config, key, value)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    from vlm_tune.tiny import save_built_model
+    from vlm_tune.standins.scaffold import save_built_model
 
     save_built_model(model, processor, out_dir, SPEC_FILE, _marker(seed, spec))
     return out_dir

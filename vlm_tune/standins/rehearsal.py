@@ -7,7 +7,7 @@ so a config for a new model family cannot ship without teaching this module its 
 Chat templates, special tokens and processor settings are the checkpoint's published ones, pinned in its family
 module (`vlm_tune.families.pinned`; unverified where no published file was found). The vision dims that set the
 tokens per tile (SmolVLM: tile size, patch, pixel shuffle; Gemma 3, PaliGemma, InternVL: patch 14) are from the
-models' config.json files, written down (as in `vlm_tune.shapes`), not pinned.
+models' config.json files, written down (as in `vlm_tune.standins.shapes`), not pinned.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vlm_tune.config import BUILTIN_TINY
 from vlm_tune.errors import UserError
 from vlm_tune.families import all_families, gemma3, internvl, lfm2vl, paligemma, qwen
 from vlm_tune.families.pinned import Published
-from vlm_tune.real_decoder import BUILTIN_SMOLLM2
+from vlm_tune.standins.real_decoder import BUILTIN_SMOLLM2
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def stand_in_for(name_or_path: str) -> StandIn:
     if name_or_path not in STAND_INS:
         raise UserError(
             f"no rehearsal stand-in for model {name_or_path!r}; add its classes and published processor "
-            f"settings to vlm_tune.rehearsal.STAND_INS (known: {sorted(STAND_INS)})"
+            f"settings to vlm_tune.standins.rehearsal.STAND_INS (known: {sorted(STAND_INS)})"
         )
     return STAND_INS[name_or_path]
 
@@ -147,7 +147,7 @@ def build_stand_in_model(name_or_path: str, out_dir: str | Path, seed: int = 0) 
         from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
         from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
-        from vlm_tune.smolvlm2 import allow_video_processor_without_torchvision
+        from vlm_tune.families.smolvlm import allow_video_processor_without_torchvision
 
         allow_video_processor_without_torchvision()
         processor = SmolVLMProcessor(

@@ -37,7 +37,8 @@ Approximations (everything else is as published):
 * Parameter counts (`parameter_count`, computed on the meta device): 256M → 256,484,928; 2.2B →
   2,246,272,880 (the hub lists the models as 256M and 2.25B parameters).
 
-``tiny`` is the builtin test model (`vlm_tune.tiny.TinySpec`), listed so scripts can take any shape name.
+``tiny`` is the builtin test model (`vlm_tune.standins.tiny.TinySpec`), listed so scripts can take any shape
+name.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ SHAPES: dict[str, Shape] = {
         tile_size=384,
         nominal_params=2.2e9,
     ),
-    # the builtin tiny model (vlm_tune.tiny.TinySpec defaults); built by vlm_tune.tiny itself
+    # the builtin tiny model (vlm_tune.standins.tiny.TinySpec defaults); built by vlm_tune.standins.tiny
     "tiny": Shape(
         hub_id="builtin:tiny",
         vision_hidden=64,
@@ -147,7 +148,7 @@ SHAPES: dict[str, Shape] = {
     ),
 }
 SPEC_FILE = "shape_spec.json"
-TOKENIZER_VOCAB = 800  # the offline BPE's target size (vlm_tune.tiny.build_tokenizer)
+TOKENIZER_VOCAB = 800  # the offline BPE's target size (vlm_tune.standins.scaffold.build_tokenizer)
 BUILD = 2  # bump when the processor or tokenizer built here changes, so cached shape models are rebuilt
 
 
@@ -244,7 +245,7 @@ def shape_processor(name: str) -> Any:
     from transformers import Idefics3Processor
 
     from vlm_tune.families.smolvlm import SMOLVLM_256M, build_tokenizer
-    from vlm_tune.tiny import TinySpec, _image_processor
+    from vlm_tune.standins.tiny import TinySpec, _image_processor
 
     tokenizer = build_tokenizer(TOKENIZER_VOCAB)
     for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<image>"):
@@ -273,7 +274,7 @@ def build_shape_model(
     from vlm_tune.families.smolvlm import SMOLVLM_256M
 
     if name == "tiny":
-        from vlm_tune.tiny import ensure_tiny_model
+        from vlm_tune.standins.tiny import ensure_tiny_model
 
         return ensure_tiny_model(out_dir, seed)
     get_shape(name)
@@ -297,7 +298,7 @@ def build_shape_model(
     for key, token in SMOLVLM_256M.generation_tokens().items():
         setattr(model.generation_config, key, _special_id(token))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    from vlm_tune.tiny import save_built_model
+    from vlm_tune.standins.scaffold import save_built_model
 
     save_built_model(model, processor, out_dir, SPEC_FILE, _marker(name, seed, dtype))
     del model
@@ -314,7 +315,7 @@ def ensure_shape_model(
     """out_dir if it already holds this build (same shape, seed, dtype), else build it there."""
     out_dir = Path(out_dir)
     if name == "tiny":
-        from vlm_tune.tiny import ensure_tiny_model
+        from vlm_tune.standins.tiny import ensure_tiny_model
 
         return ensure_tiny_model(out_dir, seed)
     marker = out_dir / SPEC_FILE
