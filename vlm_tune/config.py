@@ -1,34 +1,30 @@
 """The config schema: one typed section per concern; this file is the documentation of every key.
 
 `load_config(path, overrides)` reads a YAML file, applies `section.key=value` overrides (values parsed as
-YAML scalars), rejects unknown keys (naming the closest valid one), checks types and ranges, then checks
-cross-field rules. Every problem found is reported together in one `ConfigError`.
+YAML scalars: `vlm_tune.config_input`), rejects unknown keys (naming the closest valid one), checks types and
+ranges, then checks cross-field rules. Every problem found is reported together in one `ConfigError`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vlm_tune.config_input import (
+    ConfigError,
+    apply_overrides,
+    fix_yaml_floats,
+    format_errors,
+    parse_overrides,  # noqa: F401  (re-exported: `from vlm_tune.config import parse_overrides`)
+)
 from vlm_tune.errors import UserError
 from vlm_tune.rl_config import RlSection, rl_problems
 
 BUILTIN_TINY = "builtin:tiny"
 SYNTHETIC = "synthetic"
-
-
-class ConfigError(UserError):
-    """One or more problems in a config file or its overrides."""
-
-    def __init__(self, problems: list[str], source: str = "config") -> None:
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
 class Section(BaseModel):
@@ -312,119 +308,6 @@ class Config(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# loading, overrides, error messages
-
-
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        keys.append(dotted)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_valid_keys(ann, dotted + "."))
-    return keys
-
-
-def _suggest(key: str) -> str:
-    """' (did you mean X?)' for the closest valid key, preferring keys in the same section."""
-    valid = _valid_keys(Config)
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    same = (
-        [k for k in valid if k.rsplit(".", 1)[0] == parent] if parent else [k for k in valid if "." not in k]
-    )
-    for pool in (same, valid):
-        match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
-        if match:
-            return f" (did you mean {match[0]}?)"
-    leaf = key.rsplit(".", 1)[-1]
-    by_leaf = [k for k in valid if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.8)]
-    return f" (did you mean {by_leaf[0]}?)" if by_leaf else ""
-
-
-def _format_errors(err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        # pydantic adds union member names (e.g. 'str', 'dict[str,str]') and list indices to loc
-        loc = [
-            p
-            for p in loc
-            if not p.startswith(("function-", "literal[")) and p not in ("str", "dict[str,str]", "int")
-        ]
-        key = ".".join(loc)
-        if e["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key{_suggest(key)}")
-            continue
-        value = e.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "a mapping"
-        msg = e["msg"]
-        if msg.lower().startswith("input should be"):
-            msg = "expected " + msg.split(" ", 3)[-1]
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        problems.append(f"{key}: got {shown}; {msg}")
-    # union types report one error per member; keep the first per key+value
-    seen, unique = set(), []
-    for p in problems:
-        head = p.split(";")[0]
-        if head not in seen:
-            seen.add(head)
-            unique.append(p)
-    return unique
-
-
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[str], Any]]:
-    """`a.b=value` strings → (key path, YAML-parsed value). Bad syntax raises ConfigError."""
-    parsed, problems = [], []
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            problems.append(f"override {item!r}: expected section.key=value (e.g. train.learning_rate=1e-4)")
-            continue
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        # YAML 1.1 reads 1e-4 as a string; numbers like that are meant as floats
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value) if any(c in value for c in "eE.") and value.strip() else value
-        parsed.append((key.strip().split("."), value))
-    if problems:
-        raise ConfigError(problems, "overrides")
-    return parsed
-
-
-def _fix_yaml_floats(node: Any) -> Any:
-    """PyYAML reads '1e-4' (no dot) as a string; turn such strings back into floats."""
-    if isinstance(node, dict):
-        return {k: _fix_yaml_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_floats(v) for v in node]
-    if isinstance(node, str):
-        s = node.strip()
-        if s and s[0] in "0123456789+-." and ("e" in s or "E" in s):
-            try:
-                return float(s)
-            except ValueError:
-                return node
-    return node
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Set each `a.b.c=value` into a nested dict (creating levels; unknown keys are caught by validation)."""
-    for path, value in parse_overrides(overrides):
-        node = raw
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
-    return raw
-
-
 def cross_field_problems(cfg: Config) -> list[str]:
     """Rules that involve more than one key (litgpt's validate_args); all returned together."""
     problems = []
@@ -478,11 +361,11 @@ def build_config(
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
-    raw = apply_overrides(_fix_yaml_floats(raw), overrides)
+    raw = apply_overrides(fix_yaml_floats(raw), overrides)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err), source) from None
+        raise ConfigError(format_errors(err, Config), source) from None
     problems = cross_field_problems(cfg)
     if problems:
         raise ConfigError(problems, source)

@@ -2,8 +2,9 @@
 
 A family is a plain record (`Family`) defined in its own module (`smolvlm.py`, `qwen.py`): how to recognise
 it (config `model_type`, processor class), which tokens are image-related (never supervised), which token
-closes an answer, the LoRA presets as module-name regexes, how `model.image.*` reaches its processor, and the
-builder of its offline stand-in (`builtin:tiny...`), and the pinned published values (chat template, special
+closes an answer, the LoRA presets as module-name regexes, the `model.image.*` knobs it has (declared once,
+in its record: `Family.image_knobs`; one check here refuses any other knob, naming the families that have it)
+and how their values reach its processor, the builder of its offline stand-in (`builtin:tiny...`), and the pinned published values (chat template, special
 tokens, processor settings) of the checkpoints its stand-ins imitate (`pinned.Published`, files in
 `published/<folder>/`). `FAMILIES` lists them; nothing registers itself.
 """
@@ -23,6 +24,7 @@ from vlm_tune.errors import UserError
 @dataclass(frozen=True)
 class Family:
     name: str
+    title: str  # the family's name in messages, e.g. "Qwen2.5-VL"
     model_types: tuple[str, ...]  # config.json model_type values
     processor_classes: tuple[str, ...]  # processor class names (saved as processor_class)
     builtin: str  # model.name_or_path of the offline stand-in
@@ -34,7 +36,11 @@ class Family:
         str, ...
     ]  # prefixes of the projector's parameters (may sit inside the vision tower)
     vision_save_modules: Callable[[Any], list[str]]  # model → modules trained fully under model.train_vision
-    apply_image_settings: Callable[[Any, Any], None]  # (processor, ImageSection) → processor knobs
+    # the model.image knobs this family has: knob name → what it sets on the processor (one line); any other
+    # knob set in a config is refused by `image_knob_problems`, naming the families that have it
+    image_knobs: dict[str, str]
+    # (processor, ImageSection) → sets the declared knobs' values on the processor (other knobs already refused)
+    apply_image_knobs: Callable[[Any, Any], None]
     # (out_dir, seed=0, **published) → saved stand-in directory; `published` overrides the tiny processor
     # settings with a real checkpoint's (vlm_tune.standins.rehearsal.STAND_INS), dims stay tiny
     build_stand_in: Callable[..., Path]
@@ -66,6 +72,20 @@ class Family:
     # why this family must never run in float16 (its activations overflow it), or "": then model.dtype auto is
     # float32 on a GPU without bfloat16 and an explicit float16 is refused (vlm_tune.runtime decides)
     float16_hazard: str = ""
+    # processor → how this family sizes images, for the refusal of a knob it lacks (e.g. "it resizes every image
+    # to a fixed square (896 px, 256 image tokens)"); "" says nothing more
+    sizing_note: Callable[[Any], str] = lambda processor: ""
+    # processor → the square edge every image is resized to, for a family whose input size is fixed by the
+    # checkpoint: model.image.longest_edge equal to it is accepted (it changes nothing); None: not fixed
+    fixed_edge: Callable[[Any], int] | None = None
+
+    def apply_image_settings(self, processor: Any, image: Any) -> None:
+        """model.image → `processor`: a knob this family lacks is a UserError (every such knob, one per line),
+        then the family sets its own knobs."""
+        problems = image_knob_problems(self, processor, image)
+        if problems:
+            raise UserError("\n".join(problems))
+        self.apply_image_knobs(processor, image)
 
 
 def _families() -> tuple[Family, ...]:
@@ -80,6 +100,28 @@ def _families() -> tuple[Family, ...]:
         lfm2vl.FAMILY,
         gemma3.FAMILY,
     )
+
+
+def image_knob_problems(family: Family, processor: Any, image: Any) -> list[str]:
+    """One message per model.image knob set in `image` (an ImageSection) that `family` does not declare: it
+    names the knob, the families that have it, how this family sizes images and the knobs it has."""
+    problems = []
+    for knob, field in type(image).model_fields.items():
+        value = getattr(image, knob)
+        if knob in family.image_knobs or value is None or value == field.default:
+            continue
+        if knob == "longest_edge" and family.fixed_edge is not None and value == family.fixed_edge(processor):
+            continue  # the size the checkpoint resizes to anyway: nothing to change
+        owners = " / ".join(f.title for f in _families() if knob in f.image_knobs)
+        own = ", ".join(f"model.image.{k}" for k in family.image_knobs)
+        parts = [
+            f"model.image.{knob} does not apply to {family.title}"
+            + (f" (a knob of {owners})" if owners else ""),
+            family.sizing_note(processor),
+            f"{family.title}'s knobs: {own}" if own else f"{family.title} has no model.image knobs",
+        ]
+        problems.append("; ".join(p for p in parts if p))
+    return problems
 
 
 def all_families() -> tuple[Family, ...]:

@@ -22,10 +22,10 @@ transformers 5.x: `Gemma3ForConditionalGeneration`, `Gemma3Processor`, config mo
   projector `model.multi_modal_projector`: an RMSNorm and one weight matrix used by matmul (no nn.Linear), so
   LoRA cannot wrap it: lora.targets "projector" trains it fully (modules_to_save; 2.9M parameters for 4B).
 - Resolution: every image (and crop) is resized to a fixed square, 896 px published (the vision tower's
-  size; 256 tokens each), so longest_edge / tile_size / pixel budgets do not exist for Gemma 3. The one knob is
-  pan-and-scan (model.image.pan_and_scan, max_crops): an image whose aspect ratio is >= 1.2 is also cut into
-  2..max_crops crops of at least 256 px, each another 256 tokens. The processor's own `images_kwargs` decide
-  (setting the image processor's attribute alone has no effect), so that is what vlm-tune sets.
+  size; 256 tokens each), so no edge, tile or pixel budget can be set (model.image.longest_edge equal to the
+  square is accepted: it changes nothing; `Family.fixed_edge`). The one knob is pan-and-scan
+  (model.image.pan_and_scan, max_crops): an image whose aspect ratio is >= 1.2 is also cut into 2..max_crops
+  crops of at least 256 px, each another 256 tokens. The processor's own `images_kwargs` decide (setting the image processor's attribute alone has no effect), so that is what vlm-tune sets.
 """
 
 from __future__ import annotations
@@ -107,21 +107,15 @@ PAN_AND_SCAN_DEFAULTS = {"min_crop_size": 256, "max_num_crops": 4, "min_ratio_to
 
 
 # -- resolution ---------------------------------------------------------------------------------------------
-def apply_image_settings(processor: Any, img: Any) -> None:
-    """model.image → the Gemma 3 processor's pan-and-scan kwargs; every other resolution knob is refused
-    (longest_edge only when it is the square Gemma 3 resizes to anyway, e.g. 896 for the published models)."""
-    square = _square(processor)
-    for key, field in type(img).model_fields.items():
-        value = getattr(img, key)
-        if key == "longest_edge" and value == square:
-            continue  # the size Gemma 3 resizes to anyway: nothing to change
-        if key not in ("pan_and_scan", "max_crops") and value is not None and value != field.default:
-            raise UserError(
-                f"model.image.{key} does not apply to Gemma 3: it resizes every image to a fixed square "
-                f"({square} px, {processor.image_seq_length} image tokens); the knobs it has are "
-                "model.image.pan_and_scan (also cut wide or tall images into crops, each as many tokens again) "
-                "and model.image.max_crops"
-            )
+# model.image knob → what it sets on the processor (its images_kwargs, which override the image processor's)
+IMAGE_KNOBS = {
+    "pan_and_scan": "do_pan_and_scan: also cut wide or tall images into crops, each as many tokens again",
+    "max_crops": "pan_and_scan_max_num_crops: the most crops per image (with pan_and_scan)",
+}
+
+
+def apply_image_knobs(processor: Any, img: Any) -> None:
+    """model.image → the Gemma 3 processor's pan-and-scan kwargs (every other knob is refused before)."""
     if img.max_crops is not None and not img.pan_and_scan:
         raise UserError("model.image.max_crops only applies with model.image.pan_and_scan: true; set both")
     kwargs = dict(
@@ -135,8 +129,17 @@ def apply_image_settings(processor: Any, img: Any) -> None:
 
 
 def _square(processor: Any) -> int:
+    """The square edge every image (and crop) is resized to."""
     size = processor.image_processor.size
     return int(size["height"] if isinstance(size, dict) else size.height)
+
+
+def _sizing_note(processor: Any) -> str:
+    """How Gemma 3 sizes images (for the refusal of a knob it lacks)."""
+    square = _square(processor)
+    return (
+        f"it resizes every image to a fixed square ({square} px, {processor.image_seq_length} image tokens)"
+    )
 
 
 def card_image_lines(image: dict[str, Any]) -> list[str]:
@@ -332,6 +335,7 @@ FLOAT16_HAZARD = "Gemma 3's activations overflow float16 (NaN loss or empty answ
 
 FAMILY = Family(
     name="gemma3",
+    title="Gemma 3",
     model_types=("gemma3",),
     processor_classes=("Gemma3Processor",),
     builtin="builtin:tiny-gemma3",
@@ -341,7 +345,10 @@ FAMILY = Family(
     vision_module="model.vision_tower",
     projector_modules=(PROJECTOR,),
     vision_save_modules=lambda model: ["vision_tower"],
-    apply_image_settings=apply_image_settings,
+    image_knobs=IMAGE_KNOBS,
+    apply_image_knobs=apply_image_knobs,
+    sizing_note=_sizing_note,
+    fixed_edge=_square,
     build_stand_in=_build,
     card_image_lines=card_image_lines,
     expand_image_placeholders=expand_image_placeholders,

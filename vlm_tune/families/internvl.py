@@ -15,10 +15,10 @@ GOT-OCR2 image processor and an InternVL video processor.
   image_seq_length tokens (published: (448/14)^2 * 0.5^2 = 256, pixel shuffle 0.5).
   model.image.max_patches / min_patches set the image processor's; do_image_splitting false = max_patches 1
   (one resized tile); longest_edge L = the tile budget of an L x L image (max_patches = L*L // tile**2, at
-  least 1; as Qwen's L means max_pixels L*L), explicit max_patches wins. Tiles are the vision encoder's
-  fixed input, so tile_size and the Qwen pixel knobs have no meaning here: they are rejected. The processor class forces `crop_to_patches=True`
-  at call time whatever the image processor's saved value (published False), so tiling is turned off
-  through max_patches, which both image processor backends honour and which is saved with the processor.
+  least 1), explicit max_patches wins. Tiles are the vision encoder's fixed input, so no tile size or pixel
+  budget can be set (such knobs are refused). The processor class forces `crop_to_patches=True` at call time
+  whatever the image processor's saved value (published False), so tiling is turned off through max_patches,
+  which both image processor backends honour and which is saved with the processor.
 - Module names: decoder `model.language_model.layers.N.{self_attn.(q|k|v|o)_proj, mlp.(gate|up|down)_proj}`
   (Qwen2 for InternVL3, Qwen3 for InternVL3.5); projector `model.multi_modal_projector.{linear_1,linear_2}`
   (after a LayerNorm); vision tower `model.vision_tower` (InternViT: `encoder.layer.N.attention.{q,k,v}_proj`,
@@ -154,20 +154,22 @@ def load_processor(path: str, revision: str | None = None) -> Any:
     return load_image_only(_image_only(), path, revision)
 
 
-def apply_image_settings(processor: Any, img: Any) -> None:
+# model.image knob → what it sets on the GOT-OCR2 image processor
+IMAGE_KNOBS = {
+    "longest_edge": "L sets max_patches to the tile budget of an L x L image (L*L // tile**2, at least 1)",
+    "do_image_splitting": "false sets max_patches 1 (one resized tile per image)",
+    "max_patches": "max_patches: the most tiles an image is cut into (+1 thumbnail when over 1)",
+    "min_patches": "min_patches: the fewest tiles an image is cut into",
+}
+
+
+def _sizing_note(processor: Any) -> str:
+    """How InternVL sizes images (for the refusal of a knob it lacks)."""
+    return "InternVL tiles every image into fixed tiles (the vision encoder's input size)"
+
+
+def apply_image_knobs(processor: Any, img: Any) -> None:
     """model.image → the GOT-OCR2 image processor's tiling (max_patches, min_patches; splitting off = 1 tile)."""
-    instead = (
-        "InternVL tiles every image into fixed tiles; set model.image.max_patches (and min_patches) instead"
-    )
-    for key, why in (
-        ("tile_size", "the tile is the vision encoder's fixed input size"),
-        ("min_pixels", "it is a Qwen knob"),
-        ("max_pixels", "it is a Qwen knob"),
-        ("pan_and_scan", "it is a Gemma 3 knob"),
-        ("max_crops", "it is a Gemma 3 knob"),
-    ):
-        if getattr(img, key, None) is not None:
-            raise UserError(f"model.image.{key} has no meaning for InternVL ({why}). {instead}")
     ip = processor.image_processor
     lo = img.min_patches if img.min_patches is not None else int(ip.min_patches)
     hi = img.max_patches if img.max_patches is not None else int(ip.max_patches)
@@ -331,6 +333,7 @@ def image_token_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int
 
 FAMILY = Family(
     name="internvl",
+    title="InternVL",
     model_types=("internvl",),
     processor_classes=("InternVLProcessor",),
     builtin="builtin:tiny-internvl",
@@ -344,7 +347,9 @@ FAMILY = Family(
     vision_module="model.vision_tower",
     projector_modules=("model.multi_modal_projector",),
     vision_save_modules=lambda model: ["vision_tower"],
-    apply_image_settings=apply_image_settings,
+    image_knobs=IMAGE_KNOBS,
+    apply_image_knobs=apply_image_knobs,
+    sizing_note=_sizing_note,
     build_stand_in=build_stand_in,
     load_processor=load_processor,
     card_image_lines=card_image_lines,

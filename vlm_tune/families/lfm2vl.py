@@ -114,6 +114,14 @@ CHAT_TEMPLATE = PUBLISHED.template()
 
 # model.image knob → image processor attribute (same meaning, same name)
 KNOBS = ("min_image_tokens", "max_image_tokens", "tile_size", "do_image_splitting")
+# every model.image knob of LFM2-VL → what it sets on the image processor
+IMAGE_KNOBS = {
+    "longest_edge": "L sets max_image_tokens to the token budget of an L x L image",
+    "min_image_tokens": "min_image_tokens: the fewest image tokens of a single image or thumbnail",
+    "max_image_tokens": "max_image_tokens: the most image tokens of a single image; larger ones are tiled",
+    "tile_size": "tile_size: the tile edge of a split image, px (a multiple of the encoder patch x 2)",
+    "do_image_splitting": "do_image_splitting: false never splits images into tiles",
+}
 
 
 # -- processor ----------------------------------------------------------------------------------------------
@@ -132,23 +140,11 @@ def load_processor(path: str, revision: str | None = None) -> Any:
     return Lfm2VlProcessor.from_pretrained(path, revision=revision, image_processor=image_processor)
 
 
-def apply_image_settings(processor: Any, img: Any) -> None:
+def apply_image_knobs(processor: Any, img: Any) -> None:
     """model.image → the LFM2-VL image processor (image-token bounds, tile size, splitting).
 
     longest_edge L means the token budget of an L x L image: max_image_tokens = (L // 32)**2 with the
     published patch 16 and downsample 2 (an explicit max_image_tokens wins)."""
-    for key in ("min_pixels", "max_pixels"):
-        if getattr(img, key, None) is not None:
-            raise UserError(
-                f"model.image.{key} is a Qwen knob; LFM2-VL sizes images by image tokens: set "
-                "model.image.max_image_tokens / min_image_tokens instead"
-            )
-    for key in ("pan_and_scan", "max_crops"):
-        if getattr(img, key, None) is not None:
-            raise UserError(
-                f"model.image.{key} is a Gemma 3 knob; LFM2-VL sizes images by image tokens: set "
-                "model.image.max_image_tokens / min_image_tokens (and tile_size) instead"
-            )
     ip = processor.image_processor
     step = ip.encoder_patch_size * ip.downsample_factor
     values = {k: getattr(img, k, None) for k in KNOBS}
@@ -313,6 +309,7 @@ def build_stand_in(out_dir: str | Path, seed: int = 0, **published: Any) -> Path
 
 FAMILY = Family(
     name="lfm2-vl",
+    title="LFM2-VL",
     model_types=("lfm2_vl",),
     processor_classes=("Lfm2VlProcessor",),
     builtin="builtin:tiny-lfm2-vl",
@@ -328,7 +325,9 @@ FAMILY = Family(
     vision_module="model.vision_tower",
     projector_modules=("model.multi_modal_projector",),
     vision_save_modules=_vision_save_modules,
-    apply_image_settings=apply_image_settings,
+    image_knobs=IMAGE_KNOBS,
+    apply_image_knobs=apply_image_knobs,
+    sizing_note=lambda processor: "LFM2-VL sizes images by image tokens",
     build_stand_in=build_stand_in,
     load_processor=load_processor,
     card_image_lines=card_image_lines,

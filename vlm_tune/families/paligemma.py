@@ -14,8 +14,8 @@
   mlp.fc(1|2)}`.
 - Resolution is fixed by the checkpoint: SigLIP's position embeddings are learned for one square size (224,
   448 or 896 px: 256, 1024 or 4096 image tokens), every image is resized to it, so changing the resolution
-  means choosing another checkpoint. `model.image.*` knobs are errors, except longest_edge equal to the fixed
-  size (a no-op, so configs written for another family's same-size setting still load).
+  means choosing another checkpoint. It has no `model.image.*` knobs: each is refused, except longest_edge
+  equal to the fixed size (a no-op, so configs written for another family's same-size setting still load).
 - Image processor: SigLIP's (`SiglipImageProcessor`; the PIL class where torchvision is missing), mean/std
   0.5, bicubic, square `size`.
 """
@@ -70,27 +70,18 @@ def fixed_size(processor: Any) -> int:
     return int(size["height"])
 
 
-def apply_image_settings(processor: Any, img: Any) -> None:
-    """model.image → PaliGemma: its input size is fixed by the checkpoint, so every knob is an error (except
-    longest_edge equal to that size, which changes nothing)."""
-    size = fixed_size(processor)
-    for key in (
-        "longest_edge",
-        "tile_size",
-        "do_image_splitting",
-        "min_pixels",
-        "max_pixels",
-        "pan_and_scan",
-        "max_crops",
-    ):
-        value = getattr(img, key, None)
-        if value is None or (key == "longest_edge" and value == size):
-            continue
-        raise UserError(
-            f"model.image.{key}: PaliGemma resizes every image to the fixed square size of its checkpoint "
-            f"({size} px here, {processor.image_seq_length} image tokens); it cannot be changed by a setting. "
-            f"Remove model.image.{key} and choose the checkpoint for the resolution you want: {CHECKPOINT_SIZES}"
-        )
+def _sizing_note(processor: Any) -> str:
+    """Why PaliGemma has no model.image knobs (for the refusal of one)."""
+    return (
+        f"it resizes every image to the fixed square size of its checkpoint ({fixed_size(processor)} px here, "
+        f"{processor.image_seq_length} image tokens); it cannot be changed by a setting. Remove it and choose "
+        f"the checkpoint for the resolution you want: {CHECKPOINT_SIZES}"
+    )
+
+
+def apply_image_knobs(processor: Any, img: Any) -> None:
+    """model.image → PaliGemma: nothing to set (its input size is fixed by the checkpoint: every knob is
+    refused, except longest_edge equal to that size, which changes nothing)."""
 
 
 # Lines of the model card's `answer(images, question)` that build the model inputs (vlm_tune.hub): the
@@ -266,6 +257,7 @@ FLOAT16_HAZARD = "its Gemma 2 decoder's activations overflow float16 (NaN loss o
 
 FAMILY = Family(
     name="paligemma",
+    title="PaliGemma",
     model_types=("paligemma",),
     processor_classes=("PaliGemmaProcessor",),
     builtin="builtin:tiny-paligemma",
@@ -275,7 +267,10 @@ FAMILY = Family(
     vision_module="model.vision_tower",
     projector_modules=("model.multi_modal_projector",),
     vision_save_modules=_vision_save_modules,
-    apply_image_settings=apply_image_settings,
+    image_knobs={},
+    apply_image_knobs=apply_image_knobs,
+    sizing_note=_sizing_note,
+    fixed_edge=fixed_size,
     build_stand_in=_build,
     load_processor=_load_processor,
     prefix_lm=True,

@@ -13,7 +13,7 @@ Shared by both (transformers 5.x):
   longest_edge: max_pixels}`, both in pixels, not edges), rounding each side to patch_size * merge_size.
   Setting `image_processor.max_pixels` as an attribute has no effect; only `size` counts.
   model.image.min_pixels / max_pixels set those; model.image.longest_edge L sets max_pixels = L*L (the
-  budget of an L x L image); tiling knobs do not exist for Qwen.
+  budget of an L x L image); Qwen does not tile images.
 - Without torchvision (CPU machines here) transformers cannot build a Qwen processor (its video processor
   needs torchvision, and AutoProcessor silently returns the bare tokenizer). Images need no video processor,
   so vlm-tune loads an image-only subclass with the same class name on every install (saved files stay
@@ -36,6 +36,7 @@ from vlm_tune.errors import UserError
 from vlm_tune.families import Family
 from vlm_tune.families.image_only import image_only_class, load_image_only
 from vlm_tune.families.pinned import Pinned, Published
+from vlm_tune.families.qwen3_vl_template import QWEN3_VL_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -106,130 +107,6 @@ QWEN3_VL_PUBLISHED = Published(
     },
 )
 QWEN2_5_VL_CHAT_TEMPLATE = QWEN2_5_VL_PUBLISHED.template()
-# Unverified (no published copy pinned): the chat_template.json of Qwen/Qwen3-VL-8B-Instruct (the Instruct,
-# non-thinking template) as written down before the pinned copies; 5,292 bytes, sha256
-# 3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4 (a test keeps it from changing unnoticed).
-QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {%- if messages[0].content is string %}
-            {{- messages[0].content }}
-        {%- else %}
-            {%- for content in messages[0].content %}
-                {%- if 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '\n\n' }}
-    {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\n' }}
-        {%- if messages[0].content is string %}
-            {{- messages[0].content }}
-        {%- else %}
-            {%- for content in messages[0].content %}
-                {%- if 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- set image_count = namespace(value=0) %}
-{%- set video_count = namespace(value=0) %}
-{%- for message in messages %}
-    {%- if message.role == "user" %}
-        {{- '<|im_start|>' + message.role + '\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- else %}
-            {%- for content in message.content %}
-                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
-                    {%- set image_count.value = image_count.value + 1 %}
-                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
-                    <|vision_start|><|image_pad|><|vision_end|>
-                {%- elif content.type == 'video' or 'video' in content %}
-                    {%- set video_count.value = video_count.value + 1 %}
-                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
-                    <|vision_start|><|video_pad|><|vision_end|>
-                {%- elif 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role + '\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- else %}
-            {%- for content_item in message.content %}
-                {%- if 'text' in content_item %}
-                    {{- content_item.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and message.content) or (not loop.first) %}
-                    {{- '\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- else %}
-            {%- for content in message.content %}
-                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
-                    {%- set image_count.value = image_count.value + 1 %}
-                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
-                    <|vision_start|><|image_pad|><|vision_end|>
-                {%- elif content.type == 'video' or 'video' in content %}
-                    {%- set video_count.value = video_count.value + 1 %}
-                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
-                    <|vision_start|><|video_pad|><|vision_end|>
-                {%- elif 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
-"""
 
 
 # -- processors -------------------------------------------------------------------------------------------
@@ -279,14 +156,16 @@ def _loader(class_name: str):
     return load
 
 
-def apply_image_settings(processor: Any, img: Any) -> None:
+# model.image knob → what it sets on the image processor (size, in pixels, not edges)
+IMAGE_KNOBS = {
+    "longest_edge": "L sets the pixel cap size.longest_edge to L*L, the budget of an L x L image",
+    "min_pixels": "size.shortest_edge: the fewest pixels an image is resized to",
+    "max_pixels": "size.longest_edge: the most pixels an image is resized to (wins over longest_edge)",
+}
+
+
+def apply_image_knobs(processor: Any, img: Any) -> None:
     """model.image → the Qwen image processor's pixel budget (`size` shortest_edge/longest_edge, in pixels)."""
-    for key in ("tile_size", "do_image_splitting", "max_patches", "min_patches", "pan_and_scan", "max_crops"):
-        if getattr(img, key, None) is not None:
-            raise UserError(
-                f"model.image.{key}: Qwen models do not tile images; set model.image.max_pixels (and min_pixels) "
-                "or longest_edge instead"
-            )
     ip = processor.image_processor
     lo, hi = int(ip.size["shortest_edge"]), int(ip.size["longest_edge"])
     if img.longest_edge is not None:
@@ -331,6 +210,11 @@ def _vision_save_modules(model: Any) -> list[str]:
     if hasattr(visual, "pos_embed"):
         names.append("visual.pos_embed")
     return names
+
+
+def _sizing_note(processor: Any) -> str:
+    """How Qwen sizes images (for the refusal of a knob it lacks)."""
+    return "Qwen resizes by pixel count and does not tile images"
 
 
 # -- offline stand-ins ------------------------------------------------------------------------------------
@@ -469,6 +353,7 @@ def _build(kind: str, out_dir: str | Path, seed: int = 0, **published: Any) -> P
 
 QWEN2_5_VL = Family(
     name="qwen2.5-vl",
+    title="Qwen2.5-VL",
     model_types=("qwen2_5_vl",),
     processor_classes=("Qwen2_5_VLProcessor",),
     builtin="builtin:tiny-qwen2.5-vl",
@@ -482,7 +367,9 @@ QWEN2_5_VL = Family(
     vision_module="model.visual",
     projector_modules=("model.visual.merger",),
     vision_save_modules=_vision_save_modules,
-    apply_image_settings=apply_image_settings,
+    image_knobs=IMAGE_KNOBS,
+    apply_image_knobs=apply_image_knobs,
+    sizing_note=_sizing_note,
     build_stand_in=lambda out_dir, seed=0, **published: _build("qwen2_5_vl", out_dir, seed, **published),
     load_processor=_loader("Qwen2_5_VLProcessor"),
     card_image_lines=card_image_lines,
@@ -491,6 +378,7 @@ QWEN2_5_VL = Family(
 
 QWEN3_VL = Family(
     name="qwen3-vl",
+    title="Qwen3-VL",
     model_types=("qwen3_vl",),
     processor_classes=("Qwen3VLProcessor",),
     builtin="builtin:tiny-qwen3-vl",
@@ -504,7 +392,9 @@ QWEN3_VL = Family(
     vision_module="model.visual",
     projector_modules=("model.visual.merger", "model.visual.deepstack_merger_list"),
     vision_save_modules=_vision_save_modules,
-    apply_image_settings=apply_image_settings,
+    image_knobs=IMAGE_KNOBS,
+    apply_image_knobs=apply_image_knobs,
+    sizing_note=_sizing_note,
     build_stand_in=lambda out_dir, seed=0, **published: _build("qwen3_vl", out_dir, seed, **published),
     load_processor=_loader("Qwen3VLProcessor"),
     card_image_lines=card_image_lines,

@@ -28,7 +28,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlm_tune.errors import UserError
 from vlm_tune.families import Family
 from vlm_tune.families.pinned import Pinned, Published
 
@@ -169,26 +168,16 @@ def image_processor(published: Published = SMOLVLM_256M, **tiny: Any) -> Any:
     return cls(**(published.image_processor_kwargs() | tiny))
 
 
-def apply_image_settings(processor: Any, img: Any) -> None:
+# model.image knob → what it sets on the image processor
+IMAGE_KNOBS = {
+    "longest_edge": "size: the longest edge an image is resized to, px",
+    "tile_size": "max_image_size: the edge of each tile, px",
+    "do_image_splitting": "do_image_splitting: tiles plus a global view, or one tile per image",
+}
+
+
+def apply_image_knobs(processor: Any, img: Any) -> None:
     """model.image → the image processor (longest edge, tile size, splitting)."""
-    for key in ("min_pixels", "max_pixels"):
-        if getattr(img, key, None) is not None:
-            raise UserError(
-                f"model.image.{key} is a Qwen knob; SmolVLM resizes by model.image.longest_edge (and tiles by "
-                "tile_size / do_image_splitting): use those"
-            )
-    for key in ("max_patches", "min_patches"):
-        if getattr(img, key, None) is not None:
-            raise UserError(
-                f"model.image.{key} is an InternVL knob; SmolVLM tiles by model.image.longest_edge / tile_size / "
-                "do_image_splitting: use those"
-            )
-    for key in ("pan_and_scan", "max_crops"):
-        if getattr(img, key, None) is not None:
-            raise UserError(
-                f"model.image.{key} is a Gemma 3 knob; SmolVLM tiles images itself: set model.image.tile_size / "
-                "do_image_splitting (and longest_edge) instead"
-            )
     ip = processor.image_processor
     if img.longest_edge is not None:
         ip.size = {"longest_edge": img.longest_edge}
@@ -297,6 +286,7 @@ def _build_stand_in(out_dir: str | Path, seed: int = 0) -> Path:
 
 FAMILY = Family(
     name="smolvlm",
+    title="SmolVLM",
     model_types=("idefics3", "smolvlm"),
     processor_classes=("Idefics3Processor", "SmolVLMProcessor"),
     builtin="builtin:tiny",
@@ -306,7 +296,8 @@ FAMILY = Family(
     vision_module=VISION_MODULE,
     projector_modules=("model.connector",),
     vision_save_modules=lambda model: ["vision_model"],
-    apply_image_settings=apply_image_settings,
+    image_knobs=IMAGE_KNOBS,
+    apply_image_knobs=apply_image_knobs,
     build_stand_in=_build_stand_in,
     load_processor=auto_processor,
     card_image_lines=card_image_lines,
