@@ -173,7 +173,7 @@ def test_eval_under_a_harness_protocol_with_exports(lora_run_copy, capsys):
     assert [t["index"] for t in table] == ["0", "1", "2", "3"]
     assert [t["answer"] for t in table] == [r["gold"][0] for r in recs]  # byte for byte
     assert [t["prediction"] for t in table] == [r["prediction"].strip() for r in recs]
-    from vlm_tune.hub import build_model_card
+    from vlm_tune.card import build_model_card
 
     card = build_model_card(lora_run_copy)
     assert "| lmms | lmms-eval | test | 4 |" in card
