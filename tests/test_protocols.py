@@ -188,8 +188,8 @@ def test_eval_under_a_harness_protocol_with_exports(lora_run_copy, capsys):
 
 @pytest.mark.slow
 def test_rescore_same_generations_under_each_protocol(lora_run_copy):
-    from vlm_tune.export import rescore
     from vlm_tune.report import write_report
+    from vlm_tune.rescore import rescore
 
     final = lora_run_copy / "eval" / "final"
     recs = [json.loads(x) for x in (final / "predictions.jsonl").read_text().splitlines()]
