@@ -340,7 +340,7 @@ def test_check_warns_when_best_checkpoint_is_picked_on_test_split(cache_dir, tmp
 
 
 def test_selection_rows_come_from_select_split(cache_dir, tmp_path):
-    from vlm_tune.train import _selection_rows
+    from vlm_tune.run_steps import _selection_rows
 
     rows = []
     for i in range(9):

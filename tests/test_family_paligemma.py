@@ -213,7 +213,7 @@ def test_longest_edge_equal_to_the_fixed_size_changes_nothing(pg_dir, processor)
 # -- model card ---------------------------------------------------------------------------------------------
 def test_card_snippet_builds_the_generation_prefix(processor):
     """The card's input lines, run as written, give the exact ids and token types vlm-tune generates from."""
-    from vlm_tune.hub import _snippet
+    from vlm_tune.card_snippet import model_card_snippet as _snippet
 
     code = _snippet("ORG/NAME", "google/paligemma2-3b-pt-448", {"model": {}}, True, FAMILY)
     assert "apply_chat_template" not in "\n".join(code)
@@ -237,7 +237,7 @@ def test_three_steps_train_decoder_and_projector_then_eval_predict_and_card(pg_d
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
-    from vlm_tune.hub import build_model_card
+    from vlm_tune.card import build_model_card
     from vlm_tune.inference import load_for_inference, predict
     from vlm_tune.metrics import clean_generation
     from vlm_tune.train import train

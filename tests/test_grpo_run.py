@@ -61,7 +61,7 @@ def test_one_command_builds_the_sft_adapter_then_grpo_reports_start_vs_final(cac
     assert before.keys() == after.keys()  # the SFT adapter continued (same LoRA), not a new one
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert json.loads((run / "final" / "prompt.json").read_text())["user_template"].startswith("{question}")
-    from vlm_tune.hub import build_model_card
+    from vlm_tune.card import build_model_card
 
     card = build_model_card(run)
     assert "then reinforced by GRPO with the evaluation metric as the reward" in card

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlm_tune.card import TAGS, build_model_card
 from vlm_tune.errors import UserError
-from vlm_tune.hub import TAGS, build_model_card, collect_files, push
+from vlm_tune.hub import collect_files, push
 
 from .hub_server import HubServer
 

@@ -173,7 +173,7 @@ def test_eval_under_a_harness_protocol_with_exports(lora_run_copy, capsys):
     assert [t["index"] for t in table] == ["0", "1", "2", "3"]
     assert [t["answer"] for t in table] == [r["gold"][0] for r in recs]  # byte for byte
     assert [t["prediction"] for t in table] == [r["prediction"].strip() for r in recs]
-    from vlm_tune.hub import build_model_card
+    from vlm_tune.card import build_model_card
 
     card = build_model_card(lora_run_copy)
     assert "| lmms | lmms-eval | test | 4 |" in card
@@ -188,8 +188,8 @@ def test_eval_under_a_harness_protocol_with_exports(lora_run_copy, capsys):
 
 @pytest.mark.slow
 def test_rescore_same_generations_under_each_protocol(lora_run_copy):
-    from vlm_tune.export import rescore
     from vlm_tune.report import write_report
+    from vlm_tune.rescore import rescore
 
     final = lora_run_copy / "eval" / "final"
     recs = [json.loads(x) for x in (final / "predictions.jsonl").read_text().splitlines()]

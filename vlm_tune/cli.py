@@ -94,7 +94,7 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
-    from vlm_tune.export import rescore
+    from vlm_tune.rescore import rescore
 
     print(json.dumps(_summary(rescore(args.eval_dir, args.protocol, args.out, args.export or []))))
     return 0

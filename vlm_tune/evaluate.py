@@ -9,8 +9,6 @@ torch's CUDA build and the image backend in use).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 
 from vlm_tune.data.collate import PromptCollator
+from vlm_tune.files import atomic_write
 from vlm_tune.metrics import (
     aggregate,
     clean_generation,
@@ -239,15 +238,6 @@ def score(
         }
         records.append(record)
     return records
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write text to path through a temp file in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_eval(

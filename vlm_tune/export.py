@@ -1,4 +1,4 @@
-"""The harnesses' own result files, written from an evaluation's records, and rescoring saved generations.
+"""The harnesses' own result files, written from an evaluation's records (rescoring: `vlm_tune.rescore`).
 
 `--export lmms-eval` writes `EVAL_DIR/lmms-eval/`:
 - `{date}_samples_chartqa.jsonl`: one line per row as lmms-eval's `--log_samples` does (its
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_tune.errors import UserError
+from vlm_tune.files import atomic_write
 from vlm_tune.metrics import lmms_eval_relaxed, vlmevalkit_answer_cell, vlmevalkit_relaxed
 from vlm_tune.protocols import PROTOCOLS
 
@@ -52,8 +53,6 @@ def _mean(values: list[float]) -> float:
 
 
 def _write(path: Path, text: str) -> None:
-    from vlm_tune.evaluate import atomic_write
-
     atomic_write(path, text)
 
 
@@ -143,52 +142,3 @@ def write_exports(
             raise UserError(f"eval.export: unknown harness {name!r}; use {' or '.join(writers)}")
         written += writers[name](Path(out_dir), records, metrics)
     return [str(p.relative_to(out_dir)) for p in written]
-
-
-def rescore(
-    eval_dir: str | Path, protocol: str, out_dir: str | Path | None = None, export: Sequence[str] = ()
-) -> dict[str, Any]:
-    """`vlm-tune rescore`: an evaluation's saved generations (`raw`) post-processed and scored under another
-    protocol, written as a new eval directory (default EVAL_DIR-PROTOCOL). The prompt is not re-applied: the
-    generations are those of the protocol recorded in metrics.json (`protocol.rescored_from` says which)."""
-    from vlm_tune.evaluate import score, write_eval
-    from vlm_tune.report import load_eval_dir
-
-    src = Path(eval_dir)
-    metrics, rows = load_eval_dir(src)
-    out = Path(out_dir) if out_dir else src.with_name(f"{src.name}-{protocol}")
-    if out.resolve() == src.resolve():
-        raise UserError(f"--out {out}: is the evaluation being rescored; pass another directory")
-    special = metrics.get("special_tokens_in_raw") or []
-    texts = [{"id": r["id"], "question": r["question"], "answers": r["gold"]} | _groups(r) for r in rows]
-    outputs = [r.get("raw", r["prediction"]) for r in rows]
-    doc_ids = [r.get("doc_id", k) for k, r in enumerate(rows)]
-    records = score(texts, outputs, protocol, raw=True, special=special, doc_ids=doc_ids)
-    generated = metrics.get("protocol") or {}
-    scores = {
-        "n",
-        "exact_match",
-        "relaxed_accuracy",
-        "relaxed_accuracy_strict",
-        "score",
-        "by_split",
-        "by_type",
-    }
-    keep = {k: v for k, v in metrics.items() if k not in scores | {"exports"}}
-    p = PROTOCOLS[protocol]
-    keep["protocol"] = dict(generated) | {
-        "name": p.name,
-        "source": p.source,
-        "postprocessing": p.postprocessing,
-        "metric": p.metric_name,
-        "rescored_from": {"eval_dir": str(src), "protocol": generated.get("name", "vlm-tune")},
-    }
-    result = write_eval(out, records, extra=keep)
-    if export:
-        result["exports"] = write_exports(out, records, result, export)
-        _write(out / "metrics.json", json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def _groups(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("type", "split") if row.get(k) is not None}

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from vlm_tune.data.chat import build_messages
 from vlm_tune.data.collate import make_collator
 from vlm_tune.errors import UserError
 from vlm_tune.families import family_of_processor
+from vlm_tune.rl_filter import drop_solved, stop_at_end_of_turn
 
 console = Console(stderr=True)
 
@@ -106,17 +108,6 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def stop_at_end_of_turn(model: Any, processor: Any) -> list[int]:
-    """Completions end at the family's end-of-turn token: it (and the tokenizer's eos) become the model's
-    generation_config.eos_token_id, which TRL reads as its stop tokens. Returns the ids set."""
-    tok = processor.tokenizer
-    ids = [tok.convert_tokens_to_ids(family_of_processor(processor).end_of_turn)]
-    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)
-    model.generation_config.eos_token_id = ids
-    return ids
-
-
 def grpo_arguments(cfg: Config, run_dir: Path) -> Any:
     """Config → trl.GRPOConfig: one generation per optimizer step of rl.prompts_per_step groups."""
     from trl import GRPOConfig
@@ -176,13 +167,12 @@ def load_policy(model: Any, cfg: Config) -> Any:
     return continue_adapter(model, cfg) if cfg.model.adapter else setup_training(model, cfg)
 
 
-def build_adapter_first(cfg: Config) -> None:
-    """rl.build_adapter: train the missing model.adapter by SFT (train.*) into its run directory."""
+def build_adapter_first(cfg: Config, sft: Callable[..., Path]) -> None:
+    """rl.build_adapter: train the missing model.adapter by SFT (train.*, run by `sft`: `vlm_tune.train.train`)
+    into its run directory."""
     adapter = Path(cfg.model.adapter or "")
     if not cfg.rl.build_adapter or (adapter / "adapter_config.json").is_file():
         return
-    from vlm_tune.train import train
-
     raw = cfg.to_dict()
     raw["train"]["stage"] = "sft"
     raw["model"]["adapter"] = None
@@ -192,28 +182,32 @@ def build_adapter_first(cfg: Config) -> None:
     console.print(
         f"[vlm-tune] model.adapter {adapter} is missing: training it first (SFT, {cfg.train.max_steps} steps)"
     )
-    sft = Config.model_validate(raw)
-    train(sft, overwrite=True)
+    sft_cfg = Config.model_validate(raw)
+    sft(sft_cfg, overwrite=True)
     if adapter.name != "final" or not (adapter / "adapter_config.json").is_file():
         raise UserError(
             f"model.adapter: SFT wrote {adapter.parent / 'final'}, not {adapter}; point model.adapter there"
         )
 
 
-def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
-    """Run the GRPO stage described by cfg; returns the run directory."""
+def train_grpo(
+    cfg: Config, resume: str | None = None, overwrite: bool = False, *, sft: Callable[..., Path]
+) -> Path:
+    """Run the GRPO stage described by cfg; returns the run directory. `sft` (`vlm_tune.train.train`) trains a
+    missing model.adapter first (rl.build_adapter)."""
     from vlm_tune.data.sources import LazyRows, load_split
-    from vlm_tune.evaluate import comparison_table
     from vlm_tune.model import load_model, load_processor, resolve_model_path
-    from vlm_tune.runtime import for_config
-    from vlm_tune.train import (
+    from vlm_tune.run_steps import (
+        compare_and_report,
         during_eval,
         evaluate_in_run,
-        finish_trackers,
+        finish_run,
         prepare_splits,
+        push_if_asked,
         save_final,
         setup_trackers,
     )
+    from vlm_tune.runtime import for_config
     from vlm_tune.trainer import CheckpointMarker, plot_history, prepare_run_dir
 
     t_start = time.perf_counter()
@@ -221,7 +215,7 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
     model_path = resolve_model_path(cfg)
     processor = load_processor(model_path, cfg)
     rl_preflight(cfg, processor)  # before anything runs, the SFT stage that builds model.adapter included
-    build_adapter_first(cfg)
+    build_adapter_first(cfg, sft)
     run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)
     set_seed(cfg.run.seed)
     setup_trackers(cfg, run_dir)
@@ -247,8 +241,6 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
         )
     indices = list(train_split.indices)
     if cfg.rl.skip_solved and checkpoint is None:
-        from vlm_tune.rl_filter import drop_solved
-
         indices = drop_solved(model, processor, collator, cfg, train_split.rowset, indices, run_dir)
         (run_dir / "rl_rows.json").write_text(json.dumps(indices) + "\n")
     elif cfg.rl.skip_solved:  # a resumed stage trains on the rows the first run kept
@@ -276,27 +268,10 @@ def train_grpo(cfg: Config, resume: str | None = None, overwrite: bool = False) 
         results["final"] = evaluate_in_run(
             trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final", protocol=True
         )
-        if start not in results and (run_dir / "eval" / start / "metrics.json").is_file():
-            results = {start: json.loads((run_dir / "eval" / start / "metrics.json").read_text())} | results
-        console.print(f"[vlm-tune] held-out evaluation ({d.eval_split}):\n" + comparison_table(results))
-        if start in results:
-            from vlm_tune.report import write_report
-
-            write_report(
-                run_dir / "report.html",
-                run_dir / "eval" / start,
-                run_dir / "eval" / "final",
-                images=eval_rows.image_of(),
-                title=f"{cfg.run.name}: start ({_start_name(cfg)}) vs GRPO",
-            )
-    if cfg.hub.push_on_end:
-        from vlm_tune.hub import push
-
-        console.print(
-            f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}"
-        )
-    finish_trackers(cfg)
-    console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
+        title = f"{cfg.run.name}: start ({_start_name(cfg)}) vs GRPO"
+        compare_and_report(cfg, run_dir, results, eval_rows, (start,), lambda base: title)
+    push_if_asked(cfg, run_dir)
+    finish_run(cfg, run_dir, t_start)
     return run_dir
 
 

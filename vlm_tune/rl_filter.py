@@ -4,6 +4,7 @@ A row that every completion of a group solves, or none does, has zero advantage 
 nothing from it and spends its generation time. Before the stage, the starting model samples one group per row
 (rl.num_generations completions at rl.temperature, the stage's own sampling) and the rows it always or never solves
 are dropped. "Solves" = the first metric reward in rl.rewards pays 1 (relaxed_accuracy or exact_match).
+`stop_at_end_of_turn` sets the stop tokens this sampling and the stage's own (`vlm_tune.rl`) share.
 """
 
 from __future__ import annotations
@@ -16,9 +17,21 @@ import torch
 from rich.console import Console
 
 from vlm_tune.config import Config
+from vlm_tune.families import family_of_processor
 from vlm_tune.rewards import METRICS, metric_reward
 
 console = Console(stderr=True)
+
+
+def stop_at_end_of_turn(model: Any, processor: Any) -> list[int]:
+    """Completions end at the family's end-of-turn token: it (and the tokenizer's eos) become the model's
+    generation_config.eos_token_id, which TRL reads as its stop tokens. Returns the ids set."""
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(family_of_processor(processor).end_of_turn)]
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    model.generation_config.eos_token_id = ids
+    return ids
 
 
 def informative(groups: Sequence[Sequence[float]]) -> list[int]:
@@ -36,7 +49,6 @@ def sample_groups(
     model: Any, processor: Any, collator: Any, rows: Sequence[dict[str, Any]], cfg: Config
 ) -> list[list[str]]:
     """rl.num_generations sampled completions per row (special tokens kept), through the prompt contract."""
-    from vlm_tune.rl import stop_at_end_of_turn
     from vlm_tune.runtime import autocast, compute_dtype, model_device
 
     was_training = model.training

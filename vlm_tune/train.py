@@ -1,10 +1,12 @@
-"""train(cfg): config → model and processor → data → LoRA → trainer → train → save → eval. One screen."""
+"""train(cfg): config → model and processor → data → baselines → LoRA → trainer → train → save → eval → report.
+
+`train` reads on one screen; each block is a named helper below (the steps the GRPO stage shares with it are in
+`vlm_tune.run_steps`). train.stage: grpo runs `vlm_tune.rl.train_grpo` instead.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,14 +16,12 @@ from accelerate import PartialState
 from rich.console import Console
 from transformers import PrinterCallback, set_seed
 
-from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
-from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import PromptCollator, make_collator
 from vlm_tune.data.sources import LazyRows, RowDataset, load_split
-from vlm_tune.distributed import check_fsdp_version, evaluate_rows, full_state_dict, prepare_split_shared
+from vlm_tune.distributed import check_fsdp_version, full_state_dict
 from vlm_tune.errors import UserError
-from vlm_tune.evaluate import comparison_table, majority_answers, score, write_eval
+from vlm_tune.evaluate import majority_answers, score, write_eval
 from vlm_tune.model import (
     continue_adapter,
     load_model,
@@ -30,10 +30,19 @@ from vlm_tune.model import (
     resolve_model_path,
     setup_training,
 )
-from vlm_tune.runtime import for_config, hardware, launcher_problems, several_gpus_note
+from vlm_tune.run_steps import (
+    compare_and_report,
+    during_eval,
+    evaluate_in_run,
+    finish_run,
+    prepare_splits,
+    push_if_asked,
+    save_final,
+    setup_trackers,
+)
+from vlm_tune.runtime import Runtime, for_config, hardware, launcher_problems, several_gpus_note
 from vlm_tune.trainer import (
     CheckpointMarker,
-    GenerationEval,
     RichProgress,
     VlmTrainer,
     find_checkpoint,
@@ -47,13 +56,63 @@ console = Console(stderr=True)
 
 def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run one training job described by cfg; returns the run directory (train.stage grpo: `rl.train_grpo`)."""
-    if cfg.train.stage == "grpo":
+    if cfg.train.stage == "grpo":  # it trains a missing model.adapter first, by this function (SFT)
         from vlm_tune.rl import train_grpo
 
-        return train_grpo(cfg, resume, overwrite)
+        return train_grpo(cfg, resume, overwrite, sft=train)
     t_start = time.perf_counter()
-    # device + dtype for everything below; an impossible precision fails here, before any loading
+    # config: device + dtype (an impossible precision fails here, before any loading), RUN_DIR, seed, trackers
     rt = for_config(cfg)
+    state, run_dir, checkpoint = open_run(cfg, rt, resume, overwrite)
+
+    # builtin models and synthetic data are built once per machine: the local main process first (the cache
+    # writers are also safe against other machines' writers), the other ranks then read what it published
+    d, cache = cfg.data, cfg.model.cache_dir
+    with state.local_main_process_first():
+        model_path = resolve_model_path(cfg)
+        train_rows, eval_source = load_split(d, d.train_split, cache), load_split(d, d.eval_split, cache)
+
+    # model and processor
+    processor = load_processor(model_path, cfg)
+    collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
+
+    # data: every row decoded and measured once, before any step (rows split over the ranks)
+    bar = cfg.logging.progress and state.is_main_process
+    train_split, eval_split = prepare_splits(
+        cfg, train_rows, eval_source, processor, collator, cfg.train.max_length, bar
+    )
+    eval_rows = LazyRows.of(eval_split)  # images decoded per generation batch, never all at once
+
+    # baselines, scored before any training (generation split over the ranks)
+    model = load_starting_model(model_path, cfg, rt)
+    results = score_baselines(model, processor, collator, train_split, eval_rows, cfg, run_dir, checkpoint)
+
+    # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
+    model = make_trainable(model, cfg)
+
+    # trainer → train → save
+    trainer = build_trainer(model, processor, collator, train_split, eval_rows, cfg, run_dir, bar)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    save_run(trainer, processor, cfg, run_dir)
+
+    # eval (generation split over the ranks; rank 0 writes and reports)
+    if cfg.eval.at_end:
+        results["final"] = evaluate_in_run(
+            trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final", protocol=True
+        )
+
+    # report (rank 0): the comparison table, report.html, the hub push
+    if trainer.is_world_process_zero():
+        report_run(cfg, run_dir, results, eval_rows)
+    finish_run(cfg, run_dir, t_start)
+    return run_dir
+
+
+def open_run(
+    cfg: Config, rt: Runtime, resume: str | None, overwrite: bool
+) -> tuple[PartialState, Path, str | None]:
+    """(process state, RUN_DIR, checkpoint to resume or None): the accelerate launch checked against cfg, RUN_DIR
+    created or reopened by the main process first (config.yaml written before step 0), seed set, trackers set up."""
     problems = launcher_problems(cfg, rt)  # an accelerate config that contradicts this run's config
     if problems:
         raise UserError("; ".join(problems))
@@ -64,43 +123,43 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         else:
             run_dir = Path(cfg.run.output_dir)
             checkpoint = str(find_checkpoint(run_dir, resume)) if resume else None
-    is_main = state.is_main_process
     note = several_gpus_note(hardware())
-    if note and is_main:
+    if note and state.is_main_process:
         console.print(f"[vlm-tune] {note}", highlight=False, soft_wrap=True)
     set_seed(cfg.run.seed)
     setup_trackers(cfg, run_dir)
+    return state, run_dir, checkpoint
 
-    # builtin models and synthetic data are built once per machine: the local main process first (the cache
-    # writers are also safe against other machines' writers), the other ranks then read what it published
-    cache = cfg.model.cache_dir
-    d = cfg.data
-    with state.local_main_process_first():
-        model_path = resolve_model_path(cfg)
-        train_rows, eval_source = load_split(d, d.train_split, cache), load_split(d, d.eval_split, cache)
 
-    # model and processor
-    processor = load_processor(model_path, cfg)
-    collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
-
-    # data: every row decoded and measured once, before any step (rows split over the ranks)
-    bar = cfg.logging.progress and is_main
-    train_split, eval_split = prepare_splits(
-        cfg, train_rows, eval_source, processor, collator, cfg.train.max_length, bar
-    )
-    eval_rows = LazyRows.of(eval_split)  # images decoded per generation batch, never all at once
-
-    # baselines, scored before any training (generation split over the ranks)
+def load_starting_model(model_path: str, cfg: Config, rt: Runtime) -> Any:
+    """The model training starts from: the base, or with model.adapter continued (then the "untrained" baseline
+    is the starting adapter, not the bare base)."""
     model = load_model(model_path, cfg, rt)
-    if cfg.model.adapter:  # continued: the "untrained" baseline is the starting adapter, not the bare base
+    if cfg.model.adapter:
         model = continue_adapter(model, cfg)
     console.print(f"[vlm-tune] device {rt.device}, dtype {rt.dtype} (trainable weights float32)")
+    return model
+
+
+def score_baselines(
+    model: Any,
+    processor: Any,
+    collator: PromptCollator,
+    train_split: Any,
+    eval_rows: LazyRows,
+    cfg: Config,
+    run_dir: Path,
+    checkpoint: str | None,
+) -> dict[str, dict[str, Any]]:
+    """eval.baselines scored into eval/NAME before any step (none when resuming: the first run scored them):
+    `untrained` (the starting model, under eval.protocol) and `majority` (no model: the most frequent training
+    answer per question type, on the main process)."""
     results: dict[str, dict[str, Any]] = {}
     if "untrained" in cfg.eval.baselines and checkpoint is None:
         results["untrained"] = evaluate_in_run(
             model, processor, collator, eval_rows, cfg, run_dir / "eval" / "untrained", protocol=True
         )
-    if "majority" in cfg.eval.baselines and checkpoint is None and is_main:
+    if "majority" in cfg.eval.baselines and checkpoint is None and PartialState().is_main_process:
         train_rows = [{"answers": [a], "type": t} for a, t in _answers_and_types(train_split)]
         t0 = time.perf_counter()
         preds = majority_answers(train_rows, eval_rows.texts())
@@ -110,8 +169,11 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         run["protocol"] = {"name": cfg.eval.protocol, "generation": None}  # its metric scores the answers
         records = score(eval_rows.texts(), preds, cfg.eval.protocol)
         results["majority"] = write_eval(run_dir / "eval" / "majority", records, run)
+    return results
 
-    # LoRA / QLoRA / full (+ gradient checkpointing that keeps a frozen vision tower out of autograd)
+
+def make_trainable(model: Any, cfg: Config) -> Any:
+    """train.method applied (a continued model.adapter is trainable already); the trainable share printed."""
     if not cfg.model.adapter:
         model = setup_training(model, cfg)
     trainable, total = parameter_counts(model)
@@ -119,12 +181,25 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         f"[vlm-tune] method {cfg.train.method}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.2f}%)"
     )
+    return model
 
-    # trainer
+
+def build_trainer(
+    model: Any,
+    processor: Any,
+    collator: PromptCollator,
+    train_split: Any,
+    eval_rows: LazyRows,
+    cfg: Config,
+    run_dir: Path,
+    progress: bool,
+) -> VlmTrainer:
+    """The SFT trainer with its callbacks: checkpoint markers, the progress bar (in place of the printed logs)
+    and, with eval.every_steps, the in-training evaluation that logs eval/<metric> to the trackers."""
     callbacks: list[Any] = [CheckpointMarker()]
     if cfg.logging.progress:
         callbacks.append(RichProgress(cfg.train.batch_size * cfg.train.gradient_accumulation_steps))
-    gen_eval = during_eval(cfg, processor, collator, eval_rows, run_dir, bar)
+    gen_eval = during_eval(cfg, processor, collator, eval_rows, run_dir, progress)
     if gen_eval is not None:
         callbacks.append(gen_eval)
     trainer = VlmTrainer(
@@ -142,167 +217,28 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
     if gen_eval is not None:
         gen_eval.log = trainer.log  # eval/<metric> in the trackers
     check_fsdp_version(trainer, cfg)
+    return trainer
 
-    # train
-    trainer.train(resume_from_checkpoint=checkpoint)
 
-    # save
-    final_dir = run_dir / "final"
-    gathered = full_state_dict(trainer.model_wrapped)  # FSDP: the full adapter, from every rank's shard
+def save_run(trainer: VlmTrainer, processor: Any, cfg: Config, run_dir: Path) -> None:
+    """RUN_DIR/final (`save_final`), train_log.json and the loss plots; under FSDP the full adapter is gathered
+    from every rank's shard first, and rank 0 writes."""
+    gathered = full_state_dict(trainer.model_wrapped)
     if trainer.is_world_process_zero():
-        save_final(trainer.model, processor, cfg, final_dir, gathered)
+        save_final(trainer.model, processor, cfg, run_dir / "final", gathered)
         (run_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         plot_history(trainer.state.log_history, run_dir / "plots")
 
-    # eval (generation split over the ranks; rank 0 writes and reports)
+
+def report_run(cfg: Config, run_dir: Path, results: dict[str, dict], eval_rows: LazyRows) -> None:
+    """eval.at_end: the held-out table of the baselines and the final model, report.html (the first baseline
+    against the final model); then hub.push_on_end."""
     if cfg.eval.at_end:
-        results["final"] = evaluate_in_run(
-            trainer.model, processor, collator, eval_rows, cfg, run_dir / "eval" / "final", protocol=True
+        title = cfg.run.name
+        compare_and_report(
+            cfg, run_dir, results, eval_rows, ("untrained", "majority"), lambda b: f"{title}: {b} vs final"
         )
-    if cfg.eval.at_end and trainer.is_world_process_zero():
-        for name in ("untrained", "majority"):
-            if name not in results and (run_dir / "eval" / name / "metrics.json").is_file():
-                results[name] = json.loads((run_dir / "eval" / name / "metrics.json").read_text())
-        ordered = {k: results[k] for k in ("untrained", "majority", "final") if k in results}
-        console.print(
-            "[vlm-tune] held-out evaluation (" + cfg.data.eval_split + "):\n" + comparison_table(ordered)
-        )
-        base = "untrained" if "untrained" in results else ("majority" if "majority" in results else None)
-        if base:
-            from vlm_tune.report import write_report
-
-            write_report(
-                run_dir / "report.html",
-                run_dir / "eval" / base,
-                run_dir / "eval" / "final",
-                images=eval_rows.image_of(),  # each chart decoded when its row is written
-                title=f"{cfg.run.name}: {base} vs final",
-            )
-
-    if cfg.hub.push_on_end and trainer.is_world_process_zero():
-        from vlm_tune.hub import push
-
-        console.print(
-            f"[vlm-tune] pushed to {push(run_dir, cfg.hub.repo_id, cfg.hub.private, cfg.hub.revision)}"
-        )
-    finish_trackers(cfg)
-    console.print(f"[vlm-tune] done in {time.perf_counter() - t_start:.0f} s; run directory: {run_dir}")
-    return run_dir
-
-
-def prepare_splits(
-    cfg: Config, train_rows: Any, eval_source: Any, processor: Any, collator: Any, budget: int, progress: bool
-) -> tuple[Any, Any]:
-    """Both splits checked and measured under data.on_bad_row/on_overlong (training rows against `budget`
-    tokens, evaluation rows unbounded); the summary printed."""
-    d = cfg.data
-    train_split = prepare_split_shared(
-        train_rows,
-        d.on_bad_row,
-        d.on_overlong,
-        budget,
-        processor,
-        collator,
-        limit=d.max_train_samples,
-        progress=progress,
-    )
-    eval_split = prepare_split_shared(
-        eval_source,
-        d.on_bad_row,
-        d.on_overlong,
-        None,
-        limit=cfg.eval.limit or d.max_eval_samples,
-        progress=progress,
-    )
-    console.print(f"[vlm-tune] data: {train_split.summary()}; {eval_split.summary()}")
-    return train_split, eval_split
-
-
-def save_final(
-    model: Any, processor: Any, cfg: Config, final_dir: Path, state_dict: dict | None = None
-) -> None:
-    """Adapter (or full weights) + processor + chat template + prompt contract + resolved config.
-
-    state_dict: the gathered full weights when the model is sharded (FSDP); else the model's own are saved.
-    """
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if state_dict is None:
-        model.save_pretrained(tmp)
-    else:
-        model.save_pretrained(tmp, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    (tmp / "README.md").unlink(missing_ok=True)  # peft's stub card; `vlm-tune push` writes the real one
-    save_prompt(tmp, cfg.prompt.system, cfg.prompt.user_template)
-    (tmp / "config.yaml").write_text(cfg.to_yaml())
-    make_portable(tmp)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(tmp, final_dir)
-
-
-def evaluate_in_run(
-    model: Any,
-    processor: Any,
-    collator: PromptCollator,
-    rows: Any,
-    cfg: Config,
-    out: Path,
-    label: str = "",
-    extra: dict | None = None,
-    protocol: bool = False,
-) -> dict:
-    """One evaluation during `train`; protocol=True: under eval.protocol with eval.export (the untrained
-    baseline and the final evaluation), else the training prompt (the evaluation that picks the best checkpoint)."""
-    label = label or f"eval {out.name}"
-    return evaluate_rows(
-        model,
-        processor,
-        collator,
-        rows,
-        cfg,
-        out,
-        extra,
-        label if cfg.logging.progress else None,
-        protocol=cfg.eval.protocol if protocol else None,
-        export=cfg.eval.export if protocol else (),
-    )
-
-
-def during_eval(
-    cfg: Config, processor: Any, collator: PromptCollator, eval_rows: LazyRows, run_dir: Path, progress: bool
-) -> GenerationEval | None:
-    """eval.every_steps: the callback that scores the selection rows while training (eval/during/, the best
-    checkpoint); None when it is not set. Its `log` is set to the trainer's once the trainer exists."""
-    if not cfg.eval.every_steps:
-        return None
-    subset = _selection_rows(cfg, eval_rows, progress)
-    return GenerationEval(
-        lambda m, step: evaluate_in_run(  # eval/during/ keeps the latest in-training evaluation
-            m, processor, collator, subset, cfg, run_dir / "eval" / "during", "eval", {"step": step}
-        ),
-        cfg.eval.every_steps,
-        cfg.eval.best_metric,
-        run_dir,
-    )
-
-
-def _selection_rows(cfg: Config, eval_rows: LazyRows, progress: bool) -> LazyRows:
-    """The fixed subset scored during training: eval.subset_size rows of eval.select_split."""
-    select = cfg.eval.select_split or cfg.data.eval_split
-    if select == cfg.data.eval_split:
-        return eval_rows[: cfg.eval.subset_size]
-    d = cfg.data
-    with PartialState().local_main_process_first():  # a hub split may be downloaded: once per machine
-        rowset = load_split(d, select, cfg.model.cache_dir)
-    prepared = prepare_split_shared(
-        rowset,
-        d.on_bad_row,
-        d.on_overlong,
-        None,
-        limit=cfg.eval.subset_size,
-        progress=progress,
-    )
-    return LazyRows.of(prepared)
+    push_if_asked(cfg, run_dir)
 
 
 def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:
@@ -324,21 +260,3 @@ def _answers_and_types(prepared: Any) -> list[tuple[str, str]]:
             )
         )
     return out
-
-
-def setup_trackers(cfg: Config, run_dir: Path) -> None:
-    if "wandb" in cfg.logging.report_to:
-        os.environ.setdefault("WANDB_PROJECT", cfg.logging.wandb_project)
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
-    if "tensorboard" in cfg.logging.report_to:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-
-
-def finish_trackers(cfg: Config) -> None:
-    """Close this run's W&B run (its offline file complete), so a second train() in the process is its own run."""
-    if "wandb" in cfg.logging.report_to:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-        wandb.teardown()  # W&B reads WANDB_DIR once per process setup: the next run gets its own directory

@@ -280,7 +280,7 @@ class GenerationEval(TrainerCallback):
             },
             indent=2,
         )
-        from vlm_tune.evaluate import atomic_write
+        from vlm_tune.files import atomic_write
 
         atomic_write(self.run_dir / BEST_FILE, text + "\n")
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from vlm_tune.data.chat import build_messages
-from vlm_tune.data.collate import IGNORE_INDEX, PromptCollator
+from vlm_tune.data.collator_base import IGNORE_INDEX, PromptCollator, image_token_counts
 from vlm_tune.errors import UserError
 
 
@@ -127,6 +127,4 @@ class PrefixLMCollator(PromptCollator):
         return texts[0]
 
     def _image_tokens(self, row: dict[str, Any]) -> int:
-        from vlm_tune.data.collate import image_token_counts
-
         return sum(image_token_counts(self.processor, [(im.height, im.width) for im in row["images"]]))

@@ -52,7 +52,7 @@ class Family:
     # suffix, built with the processor's `suffix=` (vlm_tune.data.prefix_lm.PrefixLMCollator)
     prefix_lm: bool = False
     # lines of the card snippet's answer() that build `inputs` from images, question and prompt (None: the
-    # chat-template lines of vlm_tune.hub)
+    # chat-template lines of vlm_tune.card_snippet)
     card_input_lines: tuple[str, ...] | None = None
     # model.attn_implementation → what from_pretrained gets (a family whose decoder lacks a kernel maps it per
     # sub-model, e.g. PaliGemma 2: Gemma 2 has no sdpa)

@@ -84,8 +84,8 @@ def apply_image_knobs(processor: Any, img: Any) -> None:
     refused, except longest_edge equal to that size, which changes nothing)."""
 
 
-# Lines of the model card's `answer(images, question)` that build the model inputs (vlm_tune.hub): the
-# prefix-LM layout of vlm_tune.data.prefix_lm, not a chat template. The processor adds <bos> after the
+# Lines of the model card's `answer(images, question)` that build the model inputs (vlm_tune.card_snippet):
+# the prefix-LM layout of vlm_tune.data.prefix_lm, not a chat template. The processor adds <bos> after the
 # images and "\n" after the prompt, as in training.
 CARD_INPUT_LINES = (
     '    text = prompt["user_template"].format(question=question)',
