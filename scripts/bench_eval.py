@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other bench scripts, run from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, run from anywhere
 
-from bench_gpu import mixed_aspect  # noqa: E402
-from bench_train import _quiet  # noqa: E402
+import bench_harness as h  # noqa: E402
+from bench_workload import mixed_aspect  # noqa: E402
 
 STAND_IN = "HuggingFaceTB/SmolVLM-256M-Instruct"
 CHART_PX = {"smolvlm-256m": 512, "tiny": 64}
@@ -91,27 +89,35 @@ def bench(name: str, args: argparse.Namespace) -> list[float]:
     model, processor, collator, rows = load(name, args)
     generate_answers(model, processor, collator, rows[:2], 2, args.max_new_tokens, workers=0)  # warm-up
     arms = [("before", 0, False)] + [(f"after w={w}", w, True) for w in args.workers]
-    rates: dict[str, list[float]] = {label: [] for label, _, _ in arms}
     stats: dict[str, dict[str, Any]] = {}
-    first = None
-    for _ in range(args.repeats):
-        for label, workers, sort in arms:
+    first: dict[str, list[str]] = {}  # the first run's answers (before's): every run must give them
+
+    def feeding(label: str, workers: int | str, sort: bool) -> Any:
+        def run() -> list[str]:
             stats[label] = {}
-            t0 = time.perf_counter()
-            answers = generate_answers(
+            return generate_answers(
                 model, processor, collator, rows, args.batch_size, args.max_new_tokens, workers=workers,
                 sort=sort, stats=stats[label],
             )  # fmt: skip
-            rates[label].append(len(rows) / (time.perf_counter() - t0))
-            first = answers if first is None else first
-            assert answers == first, f"{name}: {label} answers differ from before's"
-    median = {label: statistics.median(r) for label, r in rates.items()}
+
+        return run
+
+    def same_answers(label: str, rep: int, seconds: float, answers: list[str]) -> None:
+        assert answers == first.setdefault("answers", answers), (
+            f"{name}: {label} answers differ from before's"
+        )
+
+    runs = h.alternate(
+        {label: feeding(label, w, s) for label, w, s in arms}, args.repeats, on_run=same_answers
+    )
+    rates = {label: [len(rows) / seconds for seconds, _ in rs] for label, rs in runs.items()}
+    median = {label: h.median(r) for label, r in rates.items()}
     for label, _, sort in arms:
         ratio = "" if label == "before" else f"  after/before {median[label] / median['before']:.2f}"
-        runs = ", ".join(f"{r:.2f}" for r in rates[label])
+        each = ", ".join(f"{r:.2f}" for r in rates[label])
         print(
             f"{name:>13} {label:<13} workers {stats[label]['workers']}  sorted {str(sort):<5}  {len(rows)} rows: "
-            f"{median[label]:7.2f} answers/s (median of {runs})  padding {padding_fraction(stats[label]):.3f}"
+            f"{median[label]:7.2f} answers/s (median of {each})  padding {padding_fraction(stats[label]):.3f}"
             f"{ratio}",
             flush=True,
         )
@@ -124,13 +130,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each arm, alternating; medians reported")
+    h.add_bench_options(ap, device=False, repeats=3)
     ap.add_argument("--workers", default="auto,1", help="comma list of worker settings for the after arms")
     ap.add_argument("--models", default="smolvlm-256m,tiny")
-    ap.add_argument("--cache-dir", default=".cache/vlm-tune")
     args = ap.parse_args()
     args.workers = [w if w == "auto" else int(w) for w in args.workers.split(",")]
-    _quiet()
+    h.quiet()
     import torch
 
     from vlm_tune.runtime import data_workers, hardware
@@ -143,7 +148,7 @@ def main() -> None:
         flush=True,
     )
     ratios = {name: bench(name, args) for name in args.models.split(",")}
-    print(f"after/before answers/s ratio: {ratios[args.models.split(',')[0]][0]:.2f}")
+    print(h.ratio_line("after", "before", "answers/s", ratios[args.models.split(",")[0]][0]))
 
 
 if __name__ == "__main__":

@@ -35,31 +35,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file, run from anywhere
+
+import bench_harness as h  # noqa: E402
+from bench_workload import vlm_trainer  # noqa: E402
+
 ARMS = ("vlm-tune", "baseline")
+# the options recorded in the JSON's "config" (with the machine)
+CONFIG_KEYS = (
+    "model", "steps", "warmup", "repeats", "batch_size", "longest_edge", "image_size", "dtype",
+    "gradient_checkpointing", "device",
+)  # fmt: skip
 IGNORE = -100
-
-
-def _quiet() -> None:
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    warnings.filterwarnings("ignore")
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def make_config(args: argparse.Namespace, output_dir: str) -> Any:
@@ -101,23 +94,6 @@ def make_config(args: argparse.Namespace, output_dir: str) -> Any:
 # measuring
 
 
-def _timer_callback(use_cuda: bool) -> Any:
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if use_cuda:
-                import torch
-
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-
-    return StepTimer()
-
-
 def _counting(cls: type, record: list[tuple[int, int, int]]) -> type:
     """A subclass of a Trainer that records (supervised, real, padded) tokens of every training batch."""
 
@@ -140,15 +116,11 @@ def _counting(cls: type, record: list[tuple[int, int, int]]) -> type:
 def _summarise(
     args: argparse.Namespace, times: list[float], record: list[tuple[int, int, int]], log: list[dict]
 ) -> dict[str, Any]:
-    import torch
-
-    w = min(args.warmup, len(times) - 1)
-    dt = times[-1] - times[w - 1] if w >= 1 else times[-1] - times[0]
-    steps = len(times) - w if w >= 1 else len(times) - 1
-    timed = record[w : len(times)] if w >= 1 else record[1 : len(times)]
+    dt, steps, first = h.timed_window(times, args.warmup)  # steps after the warm-up
+    timed = record[first : len(times)]
     sup = sum(r[0] for r in timed)
     real = sum(r[1] for r in timed)
-    losses = [h["loss"] for h in log if "loss" in h]
+    losses = [e["loss"] for e in log if "loss" in e]
     out = {
         "timed_steps": steps,
         "timed_s": round(dt, 3),
@@ -163,12 +135,7 @@ def _summarise(
         "final_loss": losses[-1] if losses else None,
         "batch_token_totals": [r[1] for r in record[: len(times)]],
     }
-    if torch.cuda.is_available():
-        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
-    else:
-        out["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        out["peak_mem_kind"] = "peak RSS (ru_maxrss)"
+    out["peak_mem_mb"], out["peak_mem_kind"] = h.peak_memory()  # the GPU's, else this process's peak RSS
     return out
 
 
@@ -181,9 +148,9 @@ def run_vlm_tune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from transformers import set_seed
 
     from vlm_tune.data.collate import ChatCollator
-    from vlm_tune.data.sources import RowDataset, load_split, prepare_split
+    from vlm_tune.data.sources import load_split, prepare_split
     from vlm_tune.model import load_model, load_processor, resolve_model_path, setup_training
-    from vlm_tune.trainer import VlmTrainer, training_arguments
+    from vlm_tune.trainer import VlmTrainer
 
     t0 = time.perf_counter()
     cfg = make_config(args, str(work / "run"))
@@ -200,18 +167,10 @@ def run_vlm_tune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         collator,
     )
     model = setup_training(load_model(path, cfg), cfg)
-    targs = training_arguments(cfg, work / "run")
-    targs.save_strategy = "no"
     record: list[tuple[int, int, int]] = []
-    timer = _timer_callback(torch.cuda.is_available())
-    trainer = _counting(VlmTrainer, record)(
-        model=model,
-        args=targs,
-        train_dataset=RowDataset(split),
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=[timer],
-    )
+    timer = h.step_timer("cuda" if torch.cuda.is_available() else "cpu")
+    trainer_cls = _counting(VlmTrainer, record)
+    trainer = vlm_trainer(trainer_cls, cfg, model, work / "run", split, collator, processor, timer)
     setup_s = time.perf_counter() - t0
     trainer.train()
     out = _summarise(args, timer.times, record, trainer.state.log_history)
@@ -307,7 +266,7 @@ def run_baseline(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     )
     collate_fn = notebook_collate_fn(processor, cfg.prompt.user_template)
     record: list[tuple[int, int, int]] = []
-    timer = _timer_callback(use_cuda)
+    timer = h.step_timer("cuda" if use_cuda else "cpu")
     trainer = _counting(SFTTrainer, record)(
         model=model,
         args=sft_args,
@@ -369,11 +328,11 @@ def masking_analysis(processor: Any, cfg: Any, dataset: Any, collate_fn: Any) ->
 
 
 def _arm_main(args: argparse.Namespace) -> None:
-    _quiet()
+    h.quiet()
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.arm}-") as tmp:
         fn = run_vlm_tune if args.arm == "vlm-tune" else run_baseline
         result = fn(args, Path(tmp))
-    Path(args.result).write_text(json.dumps(result))
+    h.write_result(args, result)
 
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -402,19 +361,6 @@ def _default_image_size(model: str) -> int:
     return 384
 
 
-def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The repeat with the median samples/s, plus every repeat's samples/s and the highest peak memory."""
-    ordered = sorted(runs, key=lambda r: r["samples_per_s"])
-    out = dict(ordered[(len(ordered) - 1) // 2])
-    out["samples_per_s_repeats"] = [round(r["samples_per_s"], 3) for r in runs]
-    out["peak_mem_mb"] = max(r["peak_mem_mb"] for r in runs)
-    return out
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], machine: str) -> None:
     header = (
         f"{'arm':<10} {'samples/s':>9} {'sup.tok/s':>10} {'tokens/s':>9} {'sup.frac':>8} "
@@ -431,8 +377,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], machine
     for arm, r in results.items():
         print(
             f"{arm:<10} {r['samples_per_s']:>9.2f} {r['supervised_tokens_per_s']:>10.1f} {r['tokens_per_s']:>9.0f} "
-            f"{r['supervised_fraction']:>8.3f} {r['peak_mem_mb']:>8.0f} {_fmt(r['first_loss'], '.4f'):>8} "
-            f"{_fmt(r['final_loss'], '.4f'):>10} {r['setup_s']:>7.1f}"
+            f"{r['supervised_fraction']:>8.3f} {r['peak_mem_mb']:>8.0f} {h.fmt(r['first_loss'], '.4f'):>8} "
+            f"{h.fmt(r['final_loss'], '.4f'):>10} {r['setup_s']:>7.1f}"
         )
     m = results.get("baseline", {}).get("masking")
     same = results["vlm-tune"]["batch_token_totals"] == results.get("baseline", {}).get("batch_token_totals")
@@ -458,45 +404,40 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], machine
         print(f"same input_ids from both collators on the same rows: {m['same_input_ids_as_vlm_tune']}")
     print()
     blob = {
-        "config": {
-            "model": args.model,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "batch_size": args.batch_size,
-            "longest_edge": args.longest_edge,
-            "image_size": args.image_size,
-            "dtype": args.dtype,
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "device": args.device,
-            "machine": machine,
-        },
+        "config": {**{k: getattr(args, k) for k in CONFIG_KEYS}, "machine": machine},
         "results": {
             k: {kk: vv for kk, vv in v.items() if kk != "batch_token_totals"} for k, v in results.items()
         },
     }
     if "baseline" in results:
-        ours, base = results["vlm-tune"], results["baseline"]
-        blob["ratios"] = {
-            k: ours[k] / base[k] for k in ("samples_per_s", "tokens_per_s", "peak_mem_mb") if base.get(k)
-        }
+        keys = ("samples_per_s", "tokens_per_s", "peak_mem_mb")
+        blob["ratios"] = h.ratios(results["vlm-tune"], results["baseline"], keys)
         print(
             "vlm-tune/baseline ratios: "
             + ", ".join(f"{k} {v:.2f}" for k, v in blob["ratios"].items())
             + " (peak memory: lower is better)"
         )
-    print("JSON: " + json.dumps(blob, sort_keys=True))
+    print(h.json_line(blob))
     if args.json:
-        Path(args.json).write_text(json.dumps(blob, indent=2, sort_keys=True) + "\n")
+        h.write_json(args.json, blob, sort_keys=True)
     if "baseline" in results:
-        print(f"vlm-tune/baseline samples/s ratio: {blob['ratios']['samples_per_s']:.2f}")
+        print(h.ratio_line("vlm-tune", "baseline", "samples/s", blob["ratios"]["samples_per_s"]))
+
+
+def _run_arm(args: argparse.Namespace, arm: str) -> dict[str, Any]:
+    """One arm in a fresh process of this script (its peak memory is its own); its result."""
+    child = h.run_isolated(
+        __file__, [*sys.argv[1:], "--arm", arm, "--image-size", str(args.image_size), "--dtype", args.dtype]
+    )
+    if child.returncode != 0:
+        print(child.stdout[-3000:], child.stderr[-6000:], sep="\n", file=sys.stderr)
+        raise SystemExit(f"arm {arm} failed (exit {child.returncode})")
+    return child.result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per arm (default 60)")
-    ap.add_argument("--warmup", type=int, default=10, help="first steps not timed (default 10)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per arm, alternating; median reported")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
         "--model", default="builtin:tiny", help="builtin:tiny or a model dir (e.g. from shapes.py)"
@@ -505,61 +446,52 @@ def main() -> None:
     ap.add_argument(
         "--image-size", type=int, default=None, help="synthetic chart px (default: 64 / tile size)"
     )
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default=None, help="default: cpu fp32, cuda bf16"
     )
     ap.add_argument("--gradient-checkpointing", action="store_true", help="in both arms")
     ap.add_argument("--max-length", type=int, default=4096)
-    ap.add_argument("--cache-dir", default=".cache/vlm-tune")
-    ap.add_argument("--json", default=None, help="also write the JSON blob to this file")
+    h.add_bench_options(
+        ap,
+        warmup=10,
+        repeats=3,
+        repeats_help="runs per arm, alternating; median reported",
+        json_flag="--json",
+    )
     ap.add_argument("--arm", choices=ARMS, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps <= args.warmup:
         ap.error("--steps must be larger than --warmup")
     if args.image_size is None:
         args.image_size = _default_image_size(args.model)
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    on_cuda = h.resolve_device(ap, args.device) == "cuda"
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device visible")
-    on_cuda = torch.cuda.is_available()
     if args.dtype is None:
         args.dtype = "bfloat16" if on_cuda else "float32"
     if args.arm:
         _arm_main(args)
         return
 
-    _quiet()
+    h.quiet()
     t0 = time.perf_counter()
     _prepare(args)
-    machine = (
-        torch.cuda.get_device_name(0) if on_cuda else f"{os.cpu_count()}-core CPU, torch {torch.__version__}"
-    )
-    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
-    passthrough = [a for a in sys.argv[1:] if a not in ("--arm", "--result")]
-    for rep in range(args.repeats):  # arms alternate, so a slow spell on a shared machine hits both
-        for arm in ARMS:
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                result_file = f.name
-            cmd = [sys.executable, __file__, *passthrough, "--arm", arm, "--result", result_file]
-            cmd += ["--image-size", str(args.image_size), "--dtype", args.dtype]
-            t_arm = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            if proc.returncode != 0:
-                print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)
-                raise SystemExit(f"arm {arm} failed (exit {proc.returncode})")
-            runs[arm].append(json.loads(Path(result_file).read_text()))
-            os.unlink(result_file)
-            print(
-                f"[bench] repeat {rep + 1}/{args.repeats} {arm}: {runs[arm][-1]['samples_per_s']:.2f} samples/s "
-                f"({time.perf_counter() - t_arm:.0f} s in its process)",
-                flush=True,
-            )
-    results = {arm: _median_run(rs) for arm, rs in runs.items()}
+    machine = h.device_name("cuda") if on_cuda else f"{os.cpu_count()}-core CPU, torch {torch.__version__}"
+
+    def progress(arm: str, rep: int, seconds: float, result: dict[str, Any]) -> None:
+        print(
+            f"[bench] repeat {rep + 1}/{args.repeats} {arm}: {result['samples_per_s']:.2f} samples/s "
+            f"({seconds:.0f} s in its process)",
+            flush=True,
+        )
+
+    # arms alternate, so a slow spell on a shared machine hits both
+    arms = {arm: (lambda arm=arm: _run_arm(args, arm)) for arm in ARMS}
+    runs = h.alternate(arms, args.repeats, on_run=progress)
+    results = {
+        arm: h.aggregate_repeats([r for _, r in rs], "samples_per_s", "peak_mem_mb")
+        for arm, rs in runs.items()
+    }
     print(f"[bench] total {time.perf_counter() - t0:.0f} s")
     report(args, results, machine)
 

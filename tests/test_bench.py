@@ -93,7 +93,7 @@ def _run_script(tmp_path, name, *args):
 def test_flop_model_matches_parameter_counts():
     from vlm_tune.standins.shapes import parameter_count, shape_config
 
-    bench = _script("bench_gpu")
+    bench = _script("bench_workload")
     fp = bench.flop_params(shape_config("smolvlm-256m"))
     counts = parameter_count("smolvlm-256m")
     assert fp["N_c"] == counts["connector"]

@@ -6,80 +6,50 @@ ChartQA columns ``image``, ``query``, ``label`` (a list with one string) plus ``
 and ``table`` (JSON text of everything needed to redraw the chart and re-derive the answer), so the rest of
 the tool can treat a saved synthetic dataset exactly like the real one.
 
-Drawing details that matter to a model:
-
-* White RGB background; shapes are drawn without anti-aliasing (printed text is anti-aliased). Elements
-  are large and use distinct saturated colours from :data:`PALETTE`. Values are distinct integers 1..10, so the largest and the smallest element are unique.
-* Element labels are capital letters ``A, B, C, ...`` in drawing order (bars and points left to right,
-  pie slices clockwise from 12 o'clock). They are printed under bars / beside slices / under points only
-  when ``image_size >= 128``; at smaller sizes they are implied by order alone.
-* For question type ``value`` the asked element's value is printed on the chart with PIL's default font.
-  At 64 px that text is only about 8-10 px tall and hard to read, for a person and for a model.
-
-Answer balance (share of the most frequent answer, within one question type, for large ``n``):
-
-* ``count``: uniform over ``min_elements..max_elements``; majority share ``1 / (max - min + 1)``
-  (25 % with the defaults 2..5).
-* ``color_max`` / ``color_min``: colours are a random ordered sample of the palette, so every palette colour
-  is equally likely; majority share about ``1 / 8`` = 12.5 %.
-* ``label_max`` / ``label_min``: the arg-max position is uniform within a chart, but the first
-  ``min_elements`` letters exist in every chart and ``H`` only in 8-element charts, so those letters are the
-  most common answers, each with share ``mean(1 / n)`` over the element counts (about 32 % for each of
-  ``A`` and ``B`` with 2..5; 50 % if every chart has 2 elements).
-* ``compare``: "Yes" and "No" each with probability 1/2 (majority share about 50 %).
-* ``value``: uniform over 1..10; majority share about 10 %.
+The chart's vocabulary, questions and answers are in :mod:`vlm_tune.data.synthetic_table` (with the answer
+balance of each question type), the drawing in :mod:`vlm_tune.data.synthetic_render` (with the drawing details
+that matter to a model); this module samples tables, builds the rows and writes / caches the splits.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import shutil
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from vlm_tune.data.synthetic_render import render_chart
+from vlm_tune.data.synthetic_table import (
+    CHART_KINDS,
+    MAX_VALUE,
+    MIN_VALUE,
+    PALETTE,
+    QUESTION_TYPES,
+    derive_answer,
+    make_query,
+)
 from vlm_tune.errors import UserError
 
-QUESTION_TYPES: tuple[str, ...] = (
-    "count",
-    "color_max",
-    "color_min",
-    "label_max",
-    "label_min",
-    "compare",
-    "value",
-)
-CHART_KINDS: tuple[str, ...] = ("bar", "line", "pie")
+__all__ = [
+    "CHART_KINDS",
+    "MAX_VALUE",
+    "MIN_VALUE",
+    "PALETTE",
+    "QUESTION_TYPES",
+    "derive_answer",
+    "ensure_synthetic",
+    "generate_synthetic",
+    "save_synthetic",
+]
 
-#: Fixed palette of distinct, saturated colours (name, RGB). Its length bounds ``max_elements``.
-PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
-    ("red", (230, 20, 20)),
-    ("green", (0, 160, 40)),
-    ("blue", (20, 60, 230)),
-    ("orange", (255, 140, 0)),
-    ("purple", (140, 30, 180)),
-    ("yellow", (240, 210, 0)),
-    ("cyan", (0, 200, 220)),
-    ("brown", (120, 65, 15)),
-)
-MIN_VALUE = 1
-MAX_VALUE = 10
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 1024
 LABELS_MIN_SIZE = 128  # element letters are drawn from this image size up
 PARAMS_FILE = "synth_params.json"
 FORMAT_VERSION = 1
-
-_NOUN = {"bar": "bars", "line": "points", "pie": "slices"}
-_MAX_PHRASE = {"bar": "tallest bar", "line": "highest point", "pie": "largest slice"}
-_MIN_PHRASE = {"bar": "shortest bar", "line": "lowest point", "pie": "smallest slice"}
-_AXIS_RGB = (0, 0, 0)
-_LINE_RGB = (90, 90, 90)
-_TEXT_RGB = (0, 0, 0)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -156,172 +126,6 @@ def _normalize_params(
     }
 
 
-# ------------------------------------------------------------------------------------------------ answers
-
-
-def _value_of(table: dict, label: str) -> int:
-    try:
-        return table["values"][table["labels"].index(label)]
-    except ValueError:
-        raise UserError(
-            f"table refers to element {label!r}, which is not in labels {table['labels']}."
-        ) from None
-
-
-def derive_answer(table: dict, qtype: str) -> str:
-    """Return the answer to a question of type ``qtype`` about the chart described by ``table``.
-
-    ``table`` is the decoded ``table`` column of a row (``json.loads(row["table"])``). This function is the
-    single source of truth for labels: the generator calls it, and tests re-derive every label with it.
-    """
-    if qtype not in QUESTION_TYPES:
-        raise UserError(f"Unknown question type {qtype!r}; allowed values are {list(QUESTION_TYPES)}.")
-    for key in ("labels", "values", "colors"):
-        if key not in table:
-            raise UserError(f"table has no {key!r} entry; pass json.loads(row['table']) of a synthetic row.")
-    values: list[int] = table["values"]
-    if not values:
-        raise UserError("table has no elements; pass json.loads(row['table']) of a synthetic row.")
-    if qtype == "count":
-        return str(len(values))
-    if qtype in ("compare", "value"):
-        ref = table.get("ref") or []
-        need = 2 if qtype == "compare" else 1
-        if len(ref) != need:
-            raise UserError(f"a {qtype!r} table needs {need} referenced element(s) in 'ref', got {ref!r}.")
-        if qtype == "value":
-            return str(_value_of(table, ref[0]))
-        return "Yes" if _value_of(table, ref[0]) > _value_of(table, ref[1]) else "No"
-    pick = max if qtype.endswith("_max") else min
-    idx = pick(range(len(values)), key=values.__getitem__)
-    return table["colors"][idx] if qtype.startswith("color_") else table["labels"][idx]
-
-
-def _make_query(kind: str, qtype: str, ref: list[str]) -> str:
-    if qtype == "count":
-        return f"How many {_NOUN[kind]} are there?"
-    if qtype == "color_max":
-        return f"What color is the {_MAX_PHRASE[kind]}?"
-    if qtype == "color_min":
-        return f"What color is the {_MIN_PHRASE[kind]}?"
-    if qtype == "label_max":
-        return "Which label has the largest value?"
-    if qtype == "label_min":
-        return "Which label has the smallest value?"
-    if qtype == "compare":
-        return f"Is {ref[0]} greater than {ref[1]}?"
-    return f"What is the value of {ref[0]}?"
-
-
-# ------------------------------------------------------------------------------------------------ drawing
-
-
-@lru_cache(maxsize=16)
-def _font(image_size: int):
-    from PIL import ImageFont
-
-    size = max(10, image_size // 16)
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):  # old Pillow or no FreeType: fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _text_size(draw, text: str, font) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _draw_text(draw, cx: float, cy: float, text: str, font, boxed: bool = False) -> None:
-    """Draw ``text`` centred on (cx, cy); ``boxed`` puts a white box behind it."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    x = round(cx - (right - left) / 2) - left
-    y = round(cy - (bottom - top) / 2) - top
-    if boxed:
-        draw.rectangle((x + left - 1, y + top - 1, x + right, y + bottom), fill=(255, 255, 255))
-    draw.text((x, y), text, fill=_TEXT_RGB, font=font)
-
-
-def _render(table: dict) -> bytes:
-    """Draw the chart described by ``table`` and return PNG bytes (deterministic)."""
-    from PIL import Image, ImageDraw
-
-    size: int = table["image_size"]
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = _font(size)
-    _, text_h = _text_size(draw, "0123456789ABCDEFGH", font)
-    labels: list[str] = table["labels"]
-    values: list[int] = table["values"]
-    rgbs = [tuple(c) for c in table["rgb"]]
-    printed: dict[str, int] = table["printed"]
-    show_labels: bool = table["show_labels"]
-    n = len(values)
-    pad = max(2, size // 32)
-
-    if table["kind"] in ("bar", "line"):
-        top = pad + text_h + 2 * max(1, size // 64)  # room for a printed value above the tallest element
-        bottom = size - pad - (text_h + 3 if show_labels else 0)
-        left, right = pad, size - pad
-        plot_h = bottom - top
-        slot = (right - left) / n
-        gap = max(1, size // 64)  # between an element and the value printed above it
-        draw.line((left, bottom, right - 1, bottom), fill=_AXIS_RGB, width=max(1, size // 128))
-        if table["kind"] == "bar":
-            bar_w = max(2, round(slot * 0.72))
-            for i, (v, rgb) in enumerate(zip(values, rgbs, strict=True)):
-                cx = left + slot * (i + 0.5)
-                x0 = round(cx - bar_w / 2)
-                y0 = bottom - round(plot_h * v / MAX_VALUE)
-                draw.rectangle((x0, y0, x0 + bar_w - 1, bottom - 1), fill=rgb)
-                if labels[i] in printed:
-                    _draw_text(draw, cx, y0 - gap - text_h / 2, str(printed[labels[i]]), font)
-                if show_labels:
-                    _draw_text(draw, cx, bottom + 2 + text_h / 2, labels[i], font)
-        else:
-            r = max(3, round(min(slot * 0.3, size / 14)))
-            y_lo, y_hi = bottom - r - 1, top + r  # value 0 -> y_lo, MAX_VALUE -> y_hi
-            pts = [
-                (round(left + slot * (i + 0.5)), round(y_lo - (y_lo - y_hi) * v / MAX_VALUE))
-                for i, v in enumerate(values)
-            ]
-            draw.line(pts, fill=_LINE_RGB, width=max(1, size // 64))
-            for i, ((x, y), rgb) in enumerate(zip(pts, rgbs, strict=True)):
-                draw.ellipse((x - r, y - r, x + r, y + r), fill=rgb)
-                if labels[i] in printed:
-                    _draw_text(draw, x, y - r - gap - text_h / 2, str(printed[labels[i]]), font)
-                if show_labels:
-                    _draw_text(draw, x, bottom + 2 + text_h / 2, labels[i], font)
-    else:  # pie: slices clockwise from 12 o'clock, in label order
-        import math
-
-        margin = pad + (text_h + 4 if show_labels else 0)
-        c = size / 2
-        radius = c - margin
-        box = (round(c - radius), round(c - radius), round(c + radius) - 1, round(c + radius) - 1)
-        total = sum(values)
-        start = -90.0
-        mids = []
-        for v, rgb in zip(values, rgbs, strict=True):
-            end = start + 360.0 * v / total
-            draw.pieslice(box, start, end, fill=rgb)
-            mids.append(math.radians((start + end) / 2))
-            start = end
-        for i, a in enumerate(mids):
-            if labels[i] in printed:
-                rr = radius * 0.6
-                _draw_text(
-                    draw, c + rr * math.cos(a), c + rr * math.sin(a), str(printed[labels[i]]), font, True
-                )
-            if show_labels:
-                rr = radius + 2 + text_h * 0.6
-                _draw_text(draw, c + rr * math.cos(a), c + rr * math.sin(a), labels[i], font)
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # --------------------------------------------------------------------------------------------- generation
 
 
@@ -353,7 +157,7 @@ def _sample_example(rng: random.Random, p: dict[str, Any]) -> tuple[dict, str, s
         "ref": ref,
         "printed": {ref[0]: values[labels.index(ref[0])]} if qtype == "value" else {},
     }
-    return table, _make_query(kind, qtype, ref), qtype
+    return table, make_query(kind, qtype, ref), qtype
 
 
 def _rows(split: str, examples: list[tuple[str, dict, str, str]]) -> dict[str, list]:
@@ -361,7 +165,7 @@ def _rows(split: str, examples: list[tuple[str, dict, str, str]]) -> dict[str, l
     cols: dict[str, list] = {k: [] for k in ("id", "image", "query", "label", "type", "split", "table")}
     for i, (table_json, table, query, qtype) in enumerate(examples):
         cols["id"].append(f"{split}-{i:0{width}d}")
-        cols["image"].append({"bytes": _render(table), "path": None})
+        cols["image"].append({"bytes": render_chart(table), "path": None})
         cols["query"].append(query)
         cols["label"].append([derive_answer(table, qtype)])
         cols["type"].append(qtype)
