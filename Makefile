@@ -36,7 +36,7 @@ TV_VENV ?= .venv-tv
 TV_TESTS ?= tests/test_backends.py tests/test_families.py tests/test_family_gemma3.py tests/test_family_internvl.py \
 	tests/test_family_lfm2vl.py tests/test_family_lifecycle.py tests/test_family_paligemma.py tests/test_collate.py \
 	tests/test_check.py tests/test_smolvlm2.py tests/test_rehearsal.py tests/test_versions.py \
-	tests/test_eval_feeding.py
+	tests/test_eval_feeding.py tests/test_standins_layout.py tests/test_family_knobs.py
 test-torchvision:
 	VLM_TUNE_TORCHVISION=1 $(MAKE) install VENV=$(TV_VENV)
 	VLM_TUNE_REQUIRE_TORCHVISION=1 $(TV_VENV)/bin/python -m pytest -m "not gpu" -q $(TV_TESTS)

@@ -50,7 +50,7 @@ def _torchvision_required(request):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from vlm_tune.standins.tiny import ensure_tiny_model
+    from vlm_tune.families.smolvlm import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 

@@ -41,7 +41,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
-    from vlm_tune.standins.tiny import ensure_tiny_model
+    from vlm_tune.families.smolvlm import ensure_tiny_model
 
     root = tmp_path_factory.mktemp("backends")
     return {

@@ -51,7 +51,7 @@ def test_vlm_tune_eval_decodes_images_per_batch(lora_run_copy, monkeypatch):
     assert saved["wall_s"] > 0 and saved["answers_per_s"] == pytest.approx(8 / saved["wall_s"], rel=0.01)
     assert saved["split"] == "test"
     # and the software that produced it (vlm-tune env's versions, the image backend every path loads)
-    from vlm_tune.runtime import image_backend
+    from vlm_tune.backend import image_backend
     from vlm_tune.versions import library_versions
 
     assert saved["versions"] == library_versions() and saved["image_backend"] == image_backend()

@@ -14,7 +14,7 @@ import pytest
 
 from vlm_tune.config import ImageSection
 from vlm_tune.errors import UserError
-from vlm_tune.families import all_families, image_knob_problems
+from vlm_tune.families import all_families, apply_image_settings, image_knob_problems
 from vlm_tune.families import load_processor as load_family_processor
 
 FAMILIES = [f.name for f in all_families()]
@@ -81,7 +81,7 @@ def state(processor):
 
 def applied(family, processor, **image):
     p = copy.deepcopy(processor)
-    family.apply_image_settings(p, ImageSection(**image))
+    apply_image_settings(family, p, ImageSection(**image))
     return state(p)
 
 
@@ -128,7 +128,7 @@ def test_a_knob_the_family_lacks_is_refused_naming_who_has_it_and_the_own_knobs(
         if not f.image_knobs:
             assert f"{f.title} has no model.image knobs" in msg
         with pytest.raises(UserError) as err:
-            f.apply_image_settings(copy.deepcopy(processor), image)
+            apply_image_settings(f, copy.deepcopy(processor), image)
         assert str(err.value) == msg  # through the same UserError path (exit code 2)
 
 
@@ -137,6 +137,6 @@ def test_every_lacking_knob_is_reported_at_once(name, processors):
     f, processor = fam(name), processors[name]
     lacking = [k for k in KNOBS if k not in f.image_knobs][:2]
     with pytest.raises(UserError) as err:
-        f.apply_image_settings(copy.deepcopy(processor), ImageSection(**{k: example(k) for k in lacking}))
+        apply_image_settings(f, copy.deepcopy(processor), ImageSection(**{k: example(k) for k in lacking}))
     lines = str(err.value).splitlines()
     assert [line.split(" ")[0] for line in lines] == [f"model.image.{k}" for k in lacking]

@@ -4,12 +4,8 @@ The graph is read from the source with `ast`, not by importing: an edge A → B 
 in A that names the vlm_tune module B (`from vlm_tune.x import y` is an edge to `vlm_tune.x.y` when that is a
 module, else to `vlm_tune.x`). A circle is named module by module in the failure message.
 
-One circle is known and listed (`KNOWN_CIRCLE`), so that nothing new joins it: the family registry
-(`families/__init__.py` imports each family module for `FAMILIES`; each imports `Family` and the processor
-loaders back from it) tied to the stand-in builders (`tiny.py` <-> `families/smolvlm.py`, `real_decoder.py`,
-`smolvlm2.py`) and `runtime.py` (image backend <-> `family_of_name`). Cutting it moves the `Family` record and the
-loaders out of `families/__init__.py` and the stand-ins into their own subpackage (issue 23, items 1 and 2); the
-list then shrinks (a listed module that is no longer on the circle fails the test until it is removed).
+The family registry (`families/__init__.py`) imports the family modules; they import only `families/base.py`
+(the `Family` record) and `families/pinned.py`, never the registry, so the registry can list them.
 """
 
 from __future__ import annotations
@@ -20,23 +16,6 @@ from pathlib import Path
 import vlm_tune
 
 PACKAGE = Path(vlm_tune.__file__).parent
-KNOWN_CIRCLE = frozenset(
-    {
-        "vlm_tune.families",
-        "vlm_tune.families.gemma3",
-        "vlm_tune.families.image_only",
-        "vlm_tune.families.internvl",
-        "vlm_tune.families.lfm2vl",
-        "vlm_tune.families.paligemma",
-        "vlm_tune.families.pinned",
-        "vlm_tune.families.qwen",
-        "vlm_tune.families.smolvlm",
-        "vlm_tune.real_decoder",
-        "vlm_tune.runtime",
-        "vlm_tune.smolvlm2",
-        "vlm_tune.tiny",
-    }
-)
 
 
 def module_names(root: Path = PACKAGE) -> dict[str, Path]:
@@ -133,28 +112,7 @@ def test_no_import_circle_in_vlm_tune():
     graph = import_graph()
     assert "vlm_tune.data.collator_base" in graph["vlm_tune.data.prefix_lm"]  # the graph is the real one
     assert "vlm_tune.data.collate" not in graph["vlm_tune.data.prefix_lm"]
-    outside_known = {
-        m: {t for t in ts if not (m in KNOWN_CIRCLE and t in KNOWN_CIRCLE)} for m, ts in graph.items()
-    }
-    cycle = find_cycle(outside_known)
+    for family in ("smolvlm", "qwen", "gemma3", "internvl", "paligemma", "lfm2vl"):  # they list nothing back
+        assert "vlm_tune.families" not in graph[f"vlm_tune.families.{family}"]
+    cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
-
-
-def test_the_known_circle_is_listed_exactly():
-    graph = import_graph()
-    inside = {m: graph.get(m, set()) & KNOWN_CIRCLE for m in KNOWN_CIRCLE}
-    off = sorted(m for m in KNOWN_CIRCLE if not _reaches(inside, m, m))
-    assert not off, f"no longer on the known circle: remove {off} from KNOWN_CIRCLE"
-
-
-def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
-    """Whether a path of one or more edges leads from start to goal."""
-    seen, todo = set(), list(graph.get(start, ()))
-    while todo:
-        node = todo.pop()
-        if node == goal:
-            return True
-        if node not in seen:
-            seen.add(node)
-            todo += graph.get(node, ())
-    return False

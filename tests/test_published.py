@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from vlm_tune.families import all_families
-from vlm_tune.families.pinned import ASPECTS, DATA, Pinned, differences
+from vlm_tune.families.pinned import ASPECTS, DATA, Pinned
+from vlm_tune.standins.published_check import differences
 from vlm_tune.standins.rehearsal import STAND_INS, build_stand_in_model, published_record
 
 TINY_SMOLVLM = (
@@ -231,7 +232,7 @@ def test_a_drifted_stand_in_is_caught(tiny_dir, tmp_path):
 def test_a_tiny_model_cached_by_an_earlier_build_is_rebuilt(tmp_path):
     """A tiny model built before the published template and tokens (its tiny_spec.json has no build number or
     an older one) is rebuilt, not reused."""
-    from vlm_tune.standins.tiny import BUILD, TinySpec, ensure_tiny_model
+    from vlm_tune.families.smolvlm import BUILD, TinySpec, ensure_tiny_model
 
     spec = TinySpec(vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1)
     path = ensure_tiny_model(tmp_path / "m", spec=spec)

@@ -180,8 +180,8 @@ def test_a_t4_run_merges_on_cpu(lora_run, tmp_path):
 def test_image_backend_is_torchvision_where_it_imports_else_pil(monkeypatch):
     from transformers.utils import is_torchvision_available
 
+    from vlm_tune.backend import image_backend
     from vlm_tune.errors import UserError
-    from vlm_tune.runtime import image_backend
 
     monkeypatch.delenv("VLM_TUNE_IMAGE_BACKEND", raising=False)
     assert image_backend() == ("torchvision" if is_torchvision_available() else "pil")
@@ -203,7 +203,7 @@ def test_every_family_loads_its_image_processor_in_the_decided_backend(monkeypat
     from transformers.image_processing_backends import PilBackend
 
     from vlm_tune.families import all_families, load_processor
-    from vlm_tune.standins.tiny import ensure_tiny_model
+    from vlm_tune.families.smolvlm import ensure_tiny_model
 
     monkeypatch.setenv("VLM_TUNE_IMAGE_BACKEND", "pil")
     for fam in all_families():
@@ -216,9 +216,9 @@ def test_every_family_loads_its_image_processor_in_the_decided_backend(monkeypat
 def test_fsdp_launch_leaves_placement_to_accelerate(cache_dir, monkeypatch):
     """Under `accelerate launch` with FSDP the base is not moved whole onto the device before sharding: a
     runtime whose device is `meta` (a stand-in for a GPU that cannot hold the model) is not applied."""
+    from vlm_tune.families.smolvlm import ensure_tiny_model
     from vlm_tune.model import load_model
     from vlm_tune.runtime import Runtime
-    from vlm_tune.standins.tiny import ensure_tiny_model
 
     path = str(ensure_tiny_model(cache_dir / "tiny-model"))
     cfg = tiny_cfg(cache_dir, cache_dir / "unused")

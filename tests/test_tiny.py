@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm_tune.errors import UserError
-from vlm_tune.standins.tiny import TinySpec, build_tiny_model, ensure_tiny_model
+from vlm_tune.families.smolvlm import TinySpec, build_tiny_model, ensure_tiny_model
 
 MESSAGES = [
     {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},

@@ -214,8 +214,8 @@ def test_every_metrics_json_records_versions_and_image_backend(tmp_path, monkeyp
     import torch
     import transformers
 
+    from vlm_tune.backend import image_backend
     from vlm_tune.evaluate import score, write_eval
-    from vlm_tune.runtime import image_backend
 
     rows = [{"id": "a", "question": "q", "answers": ["1"]}]
     write_eval(tmp_path, score(rows, ["1"]), {"device": None})

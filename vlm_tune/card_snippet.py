@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from vlm_tune.families import Family
+from vlm_tune.families.base import Family
 
 
 def _snippet_dtype(cfg: dict[str, Any], evaluated: str | None) -> str:

@@ -146,7 +146,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from vlm_tune.families import all_families
-    from vlm_tune.standins.tiny import build_tiny_model
+    from vlm_tune.families.smolvlm import build_tiny_model
 
     if args.family == "smolvlm":
         print(build_tiny_model(args.out_dir, seed=args.seed))

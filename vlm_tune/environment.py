@@ -29,7 +29,7 @@ def _torch() -> dict[str, Any]:
 
 def env_report() -> dict[str, Any]:
     """Everything `vlm-tune env` prints, as data."""
-    from vlm_tune.runtime import image_backend
+    from vlm_tune.backend import image_backend
 
     versions = library_versions()
     lock: dict[str, Any]

@@ -23,6 +23,9 @@ from vlm_tune.families import (
     family_of_model,
     family_of_processor,
 )
+from vlm_tune.families import (
+    apply_image_settings as apply_family_image_settings,
+)
 from vlm_tune.families.smolvlm import TARGET_PRESETS, VISION_MODULE  # noqa: F401  (SmolVLM's, re-exported)
 from vlm_tune.runtime import (  # noqa: F401 (DTYPES: scripts)
     DTYPES,
@@ -47,7 +50,7 @@ def resolve_model_path(cfg: Config) -> str:
     id checked offline first."""
     name = cfg.model.name_or_path
     if name == BUILTIN_TINY:
-        from vlm_tune.standins.tiny import ensure_tiny_model
+        from vlm_tune.families.smolvlm import ensure_tiny_model
 
         return str(ensure_tiny_model(Path(cfg.model.cache_dir) / "tiny-model"))
     if name == BUILTIN_SMOLLM2:
@@ -101,7 +104,7 @@ def load_processor(path: str, cfg: Config) -> Any:
 
 def apply_image_settings(processor: Any, cfg: Config) -> None:
     """model.image → the image processor, translated by the processor's family (SmolVLM: longest edge, tiles)."""
-    family_of_processor(processor).apply_image_settings(processor, cfg.model.image)
+    apply_family_image_settings(family_of_processor(processor), processor, cfg.model.image)
 
 
 def model_family(path: str, cfg: Config) -> Family:

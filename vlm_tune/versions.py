@@ -183,7 +183,7 @@ def run_record() -> dict[str, object]:
     """What an evaluation records about the software that produced it: versions, torch's CUDA, image backend."""
     import torch
 
-    from vlm_tune.runtime import image_backend
+    from vlm_tune.backend import image_backend
 
     return {
         "versions": library_versions(),

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_tune.errors import UserError
-from vlm_tune.families import Family
+from vlm_tune.families.base import Family
 from vlm_tune.families.pinned import Pinned, Published
 
 # Gemma's ids where it has them (pad 0, eos 1, bos 2, unk 3); the image tokens after them

@@ -4,7 +4,7 @@ transformers cannot build Qwen's or InternVL's processor without torchvision: th
 it, and AutoProcessor fails or silently returns the bare tokenizer. vlm-tune feeds images only (video as
 frames), so these families load an image-only subclass under the real class name, with or without
 torchvision: one code path, and the same saved files on the CPU and on the GPU user's stack. Only the image
-processor's backend differs (`vlm_tune.runtime.image_backend()`). Saving still writes a
+processor's backend differs (`vlm_tune.backend.image_backend()`). Saving still writes a
 video_preprocessor_config.json, so that plain AutoProcessor loads the folder where torchvision is installed
 (the model card's snippet): the checkpoint's own file (kept from where the processor was loaded; a
 checkpoint saved by transformers 5.x nests it in processor_config.json as `video_processor`) or, for a
@@ -46,7 +46,7 @@ def load_image_only(cls: type, path: str, revision: str | None) -> Any:
     video config (a file, or the `video_processor` entry of processor_config.json) for later saves."""
     from transformers.utils import cached_file
 
-    from vlm_tune.families import load_image_processor
+    from vlm_tune.families.base import load_image_processor
 
     image_processor = load_image_processor(path, revision)
     processor = cls.from_pretrained(path, revision=revision, image_processor=image_processor)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_tune.errors import UserError
-from vlm_tune.families import Family
+from vlm_tune.families.base import Family
 from vlm_tune.families.image_only import image_only_class, load_image_only
 from vlm_tune.families.pinned import Pinned, Published
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_tune.errors import UserError
-from vlm_tune.families import Family
+from vlm_tune.families.base import Family
 from vlm_tune.families.lfm2vl_image import image_token_counts
 from vlm_tune.families.pinned import Pinned, Published
 
@@ -126,13 +126,13 @@ IMAGE_KNOBS = {
 
 # -- processor ----------------------------------------------------------------------------------------------
 def load_processor(path: str, revision: str | None = None) -> Any:
-    """Lfm2VlProcessor with the image-processor backend `vlm_tune.runtime.image_backend()` decides:
+    """Lfm2VlProcessor with the image-processor backend `vlm_tune.backend.image_backend()` decides:
     transformers' torchvision class where torchvision is installed, else vlm-tune's PIL port (passed in as
     the `image_processor`, so the processor class and its saved files are the standard ones)."""
     from transformers import Lfm2VlProcessor
 
+    from vlm_tune.backend import image_backend
     from vlm_tune.families.lfm2vl_image import Lfm2VlImageProcessorPil
-    from vlm_tune.runtime import image_backend
 
     if image_backend() == "torchvision":
         return Lfm2VlProcessor.from_pretrained(path, revision=revision)

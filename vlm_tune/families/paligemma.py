@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_tune.errors import UserError
-from vlm_tune.families import Family
+from vlm_tune.families.base import Family
 from vlm_tune.families.pinned import Pinned, Published
 
 IMAGE_TOKEN = "<image>"
@@ -120,7 +120,7 @@ def _load_processor(path: str, revision: str | None = None) -> Any:
     """PaliGemmaProcessor with SigLIP's image processor in vlm-tune's backend (no fallback warning)."""
     from transformers import AutoTokenizer, PaliGemmaProcessor
 
-    from vlm_tune.families import load_image_processor
+    from vlm_tune.families.base import load_image_processor
 
     image_processor = load_image_processor(path, revision)
     if not hasattr(image_processor, "image_seq_length"):  # saved by every PaliGemma checkpoint

@@ -18,7 +18,7 @@ Shared by both (transformers 5.x):
   needs torchvision, and AutoProcessor silently returns the bare tokenizer). Images need no video processor,
   so vlm-tune loads an image-only subclass with the same class name on every install (saved files stay
   standard, with a video_preprocessor_config.json; `vlm_tune.families.image_only`); the image processor is
-  torchvision's where it imports, else PIL (`vlm_tune.runtime.image_backend()`).
+  torchvision's where it imports, else PIL (`vlm_tune.backend.image_backend()`).
 
 Differences: Qwen2.5-VL: patch 14, SwiGLU vision MLP (`mlp.(gate|up|down)_proj`), projector
 `visual.merger.mlp.(0|2)`, window attention, template adds a default system turn ("You are a helpful
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_tune.errors import UserError
-from vlm_tune.families import Family
+from vlm_tune.families.base import Family
 from vlm_tune.families.image_only import image_only_class, load_image_only
 from vlm_tune.families.pinned import Pinned, Published
 from vlm_tune.families.qwen3_vl_template import QWEN3_VL_CHAT_TEMPLATE

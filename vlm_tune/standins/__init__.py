@@ -9,8 +9,11 @@ name and a JSON spec marker (`model.cache_dir`; see `scaffold`), never by module
 
 Modules (imported where used; this package imports nothing):
 - `scaffold`: what every builder shares: the offline BPE tokenizer, the spec marker, the atomic cached save.
-- `tiny`: the tiny SmolVLM (`builtin:tiny`); the other families' stand-ins are built in their family modules.
+- each family's own stand-in (`builtin:tiny` for SmolVLM, `builtin:tiny-qwen2.5-vl`, ...) is built in its family
+  module (`vlm_tune.families.smolvlm.build_tiny_model`, `qwen._build`, ...) on this scaffold, so everything about
+  a family stays in one place.
 - `real_decoder`: a SmolVLM around the real SmolLM2-135M decoder (`builtin:smollm2-135m`).
 - `shapes`: random-weight models with the published SmolVLM-256M / 2.2B dims, for benchmarks.
 - `rehearsal`: a stand-in for each shipped config's checkpoint, plus ChartQA- and clip-shaped data.
+- `published_check`: where a saved stand-in departs from the published files it imitates.
 """

@@ -91,8 +91,7 @@ def build_processor(spec: RealDecoderSpec | None = None) -> Any:
     from tokenizers import AddedToken
     from transformers import AutoTokenizer, Idefics3Processor
 
-    from vlm_tune.families.smolvlm import SMOLVLM_256M
-    from vlm_tune.standins.tiny import TinySpec, _image_processor
+    from vlm_tune.families.smolvlm import SMOLVLM_256M, TinySpec, tiny_image_processor
 
     spec = spec or RealDecoderSpec()
     path = gguf_path()
@@ -117,7 +116,7 @@ def build_processor(spec: RealDecoderSpec | None = None) -> Any:
         setattr(tokenizer, key, published[key])
     tokenizer.padding_side = "right"
     tokenizer.chat_template = None  # the processor's template is the one used
-    image_processor = _image_processor(
+    image_processor = tiny_image_processor(
         TinySpec(
             image_longest_edge=spec.image_longest_edge,
             tile_size=spec.vision_image_size,

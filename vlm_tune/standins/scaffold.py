@@ -3,8 +3,8 @@
 A stand-in directory holds an ordinary model + processor (`save_pretrained`) and a JSON spec marker
 (`tiny_spec.json`, or the builder's own file name), written last: a build is reused only while its marker
 equals what the builder wants now. The marker and the directory name are all that a cache keys on: neither
-names a module. Used by the tiny SmolVLM (`vlm_tune.standins.tiny`), the real-decoder model, the benchmark
-shapes and every family's builder (`vlm_tune.families.*._build`).
+names a module. Used by every family's builder (the tiny SmolVLM: `vlm_tune.families.smolvlm.build_tiny_model`,
+the others: `vlm_tune.families.*._build`), the real-decoder model and the benchmark shapes.
 """
 
 from __future__ import annotations

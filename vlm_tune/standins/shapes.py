@@ -37,7 +37,7 @@ Approximations (everything else is as published):
 * Parameter counts (`parameter_count`, computed on the meta device): 256M → 256,484,928; 2.2B →
   2,246,272,880 (the hub lists the models as 256M and 2.25B parameters).
 
-``tiny`` is the builtin test model (`vlm_tune.standins.tiny.TinySpec`), listed so scripts can take any shape
+``tiny`` is the builtin test model (`vlm_tune.families.smolvlm.TinySpec`), listed so scripts can take any shape
 name.
 """
 
@@ -124,7 +124,7 @@ SHAPES: dict[str, Shape] = {
         tile_size=384,
         nominal_params=2.2e9,
     ),
-    # the builtin tiny model (vlm_tune.standins.tiny.TinySpec defaults); built by vlm_tune.standins.tiny
+    # the builtin tiny model (vlm_tune.families.smolvlm.TinySpec defaults); built by vlm_tune.families.smolvlm
     "tiny": Shape(
         hub_id="builtin:tiny",
         vision_hidden=64,
@@ -244,8 +244,7 @@ def shape_processor(name: str) -> Any:
     chat template and image processor settings, the shape's tiling and image_seq_len."""
     from transformers import Idefics3Processor
 
-    from vlm_tune.families.smolvlm import SMOLVLM_256M, build_tokenizer
-    from vlm_tune.standins.tiny import TinySpec, _image_processor
+    from vlm_tune.families.smolvlm import SMOLVLM_256M, TinySpec, build_tokenizer, tiny_image_processor
 
     tokenizer = build_tokenizer(TOKENIZER_VOCAB)
     for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<image>"):
@@ -254,7 +253,7 @@ def shape_processor(name: str) -> Any:
     s = get_shape(name)
     spec = TinySpec(image_longest_edge=s.longest_edge, tile_size=s.tile_size, do_image_splitting=True)
     return Idefics3Processor(
-        image_processor=_image_processor(spec),
+        image_processor=tiny_image_processor(spec),
         tokenizer=tokenizer,
         image_seq_len=s.image_seq_len,
         chat_template=SMOLVLM_256M.template(),
@@ -274,7 +273,7 @@ def build_shape_model(
     from vlm_tune.families.smolvlm import SMOLVLM_256M
 
     if name == "tiny":
-        from vlm_tune.standins.tiny import ensure_tiny_model
+        from vlm_tune.families.smolvlm import ensure_tiny_model
 
         return ensure_tiny_model(out_dir, seed)
     get_shape(name)
@@ -315,7 +314,7 @@ def ensure_shape_model(
     """out_dir if it already holds this build (same shape, seed, dtype), else build it there."""
     out_dir = Path(out_dir)
     if name == "tiny":
-        from vlm_tune.standins.tiny import ensure_tiny_model
+        from vlm_tune.families.smolvlm import ensure_tiny_model
 
         return ensure_tiny_model(out_dir, seed)
     marker = out_dir / SPEC_FILE
