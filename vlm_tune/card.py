@@ -346,6 +346,14 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, merged: bo
     system = prompt.get("system")
     lines += ["System prompt:", ""] + (_code_block(system) if system else ["*(none: no system turn)*"])
     lines += ["", "User template:", ""] + _code_block(str(prompt["user_template"])) + [""]
+    answer_format = prompt.get("answer_format", "plain")
+    if answer_format == "tagged":
+        lines += [
+            "Answer format: tagged. The model may reason first; its answer is the text inside the last "
+            "`<answer>...</answer>` of the completion (none: an empty answer, scored 0). The evaluation below, "
+            "the GRPO reward and the snippet all take the answer this way.",
+            "",
+        ]
     evals = run_evals(run_dir)
     lines += _metrics_section(evals, str(data.get("eval_split") or ""))
     lines += _training_section(cfg, adapter)
@@ -356,7 +364,7 @@ def build_model_card(run_dir: str | Path, repo_id: str | None = None, merged: bo
     lines += ["## Use it", "", f"Needs {needs} and `pillow` (no vlm-tune):", ""]
     fam = _run_family(run_dir / "final")
     evaluated = (evals.get("final") or {}).get("dtype")
-    snippet = model_card_snippet(repo_id or "ORG/NAME", base, cfg, is_adapter, fam, evaluated)
+    snippet = model_card_snippet(repo_id or "ORG/NAME", base, cfg, is_adapter, fam, evaluated, answer_format)
     lines += _code_block("\n".join(snippet), "python")
     if merged:
         lines += [

@@ -1,6 +1,7 @@
 """The loading snippet of a model card: Python that answers a chart question with the published model using
 only transformers (+ peft for an adapter, + bitsandbytes for QLoRA), with the run's dtype, image knobs,
-prompt layout and end-of-turn token, so it answers as the evaluated model did."""
+prompt layout and end-of-turn token, so it answers as the evaluated model did; a tagged run's snippet takes the
+answer inside the last `<answer>...</answer>` as evaluation does (`vlm_tune.protocols.answer_of`)."""
 
 from __future__ import annotations
 
@@ -36,15 +37,38 @@ def _quantization_lines(dtype: str, fam: Family) -> list[str]:
     ]
 
 
+# the tagged answer format: the vlm-tune post-processing (`metrics.clean_generation`) of the text inside the last
+# <answer>...</answer>, written with the standard library only (a test runs it against `protocols.answer_of`)
+TAGGED_ANSWER_LINES = [
+    "def answer_in(text):",
+    '    """The answer of a reasoning completion: inside its last <answer>...</answer> ("" without one)."""',
+    '    found = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)',
+    '    prefix = re.compile(r"^\\s*assistant\\s*:", flags=re.IGNORECASE)  # a leading "Assistant:" is dropped',
+    '    lines = prefix.sub("", found[-1], count=1).splitlines() if found else []',
+    '    return next((line for line in (prefix.sub("", x, count=1).strip() for x in lines) if line), "")',
+]
+
+
 def model_card_snippet(
-    repo: str, base: str, cfg: dict[str, Any], is_adapter: bool, fam: Family, evaluated: str | None = None
+    repo: str,
+    base: str,
+    cfg: dict[str, Any],
+    is_adapter: bool,
+    fam: Family,
+    evaluated: str | None = None,
+    answer_format: str = "plain",
 ) -> list[str]:
+    """The snippet's lines; `answer_format` tagged (prompt.json) adds `answer_in` and generates as many tokens as
+    the evaluation did (eval.max_new_tokens), since the reasoning comes before the answer."""
+    tagged = answer_format == "tagged"
     model_cfg = cfg.get("model") or {}
     dtype = _snippet_dtype(cfg, evaluated)
     qlora = is_adapter and (cfg.get("train") or {}).get("method") == "qlora"
     image = model_cfg.get("image") or {}
+    max_new = int((cfg.get("eval") or {}).get("max_new_tokens") or 16) if tagged else 16
     code = [
         "import json",
+        *(["import re"] if tagged else []),
         "from pathlib import Path",
         "",
         "import torch",
@@ -79,11 +103,8 @@ def model_card_snippet(
         code.append(f"model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.{dtype}).eval()")
     if not qlora:  # a 4-bit model is placed where it was loaded
         code.append('model = model.to("cuda" if torch.cuda.is_available() else "cpu")')
-    code += [
-        "",
-        "",
-        "def answer(images, question):",
-    ]
+    code += ["", ""] + (TAGGED_ANSWER_LINES + ["", ""] if tagged else [])
+    code += ["def answer(images, question):"]
     code += fam.card_input_lines or [  # the family's prompt layout (a prefix-LM has no chat template)
         "    messages = []",
         '    if prompt["system"]:',
@@ -101,9 +122,11 @@ def model_card_snippet(
         f"    end = processor.tokenizer.convert_tokens_to_ids({json.dumps(fam.end_of_turn)})  # closes an answer",
         "    eos = [end, processor.tokenizer.eos_token_id]",
         "    with torch.no_grad():",
-        "        out = model.generate(**inputs, max_new_tokens=16, do_sample=False, eos_token_id=eos)",
+        f"        out = model.generate(**inputs, max_new_tokens={max_new}, do_sample=False, eos_token_id=eos)",
         '    new = out[0, inputs["input_ids"].shape[1] :]',
-        "    return processor.decode(new, skip_special_tokens=True).strip()",
+        "    return answer_in(processor.decode(new, skip_special_tokens=True))"
+        if tagged
+        else "    return processor.decode(new, skip_special_tokens=True).strip()",
         "",
         "",
         'print(answer([Image.open("chart.png").convert("RGB")], "Which year has the highest value?"))',

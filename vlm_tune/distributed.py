@@ -240,9 +240,10 @@ def evaluate_rows(
     progress: str | None = None,
     protocol: str | None = None,
     export: Sequence[str] = (),
+    answer_format: str = "plain",
 ) -> dict[str, Any]:
     """`evaluate.evaluate` with generation sharded over the ranks; rank 0 writes predictions.jsonl and
-    metrics.json; every rank gets the metrics. `protocol`, `export`: as in `evaluate.evaluate`."""
+    metrics.json; every rank gets the metrics. `protocol`, `export`, `answer_format`: as in `evaluate.evaluate`."""
     from vlm_tune.evaluate import evaluate
 
     return evaluate(
@@ -260,6 +261,7 @@ def evaluate_rows(
         protocol=protocol,
         export=export,
         workers=cfg.train.dataloader_num_workers,
+        answer_format=answer_format,
     )
 
 

@@ -123,6 +123,7 @@ def evaluate(
     protocol: str | None = None,
     export: Sequence[str] = (),
     workers: int | str = "auto",
+    answer_format: str = "plain",
 ) -> dict[str, Any]:
     """Generate, score and write one evaluation; metrics.json records where and how fast it ran.
 
@@ -134,7 +135,8 @@ def evaluate(
     write=False returns the metrics without writing files (ranks other than 0).
     `protocol` (`vlm_tune.protocols`; None: vlm-tune) sets the prompt (from the collator's prompt contract),
     the decoding, the post-processing and the `score` metric, recorded in metrics.json with the image settings;
-    `export` also writes those harnesses' own files (`vlm_tune.export`).
+    `export` also writes those harnesses' own files (`vlm_tune.export`). `answer_format`: the run's (prompt.json;
+    `vlm_tune.protocols.ANSWER_FORMATS`), where the vlm-tune protocol finds the answer in a generation.
     """
     from vlm_tune.data.collate import make_collator
     from vlm_tune.protocols import (
@@ -146,7 +148,9 @@ def evaluate(
     )
     from vlm_tune.runtime import compute_dtype, dtype_name, model_device, tensor_devices
 
-    setting = resolve(protocol, model_type_of(model), collator.system, collator.user_template, max_new_tokens)
+    setting = resolve(
+        protocol, model_type_of(model), collator.system, collator.user_template, max_new_tokens, answer_format
+    )
     if (setting.system, setting.user_template) != (collator.system, collator.user_template):
         collator = make_collator(processor, setting.system, setting.user_template)
     t0 = time.perf_counter()
@@ -181,7 +185,9 @@ def evaluate(
     }
     indices = getattr(rows, "indices", None)  # LazyRows: each row's index in the evaluated split
     doc_ids = list(indices) if isinstance(indices, list) else list(range(len(raws)))
-    records = score(texts, raws, setting.protocol, raw=True, special=special, doc_ids=doc_ids)
+    records = score(
+        texts, raws, setting.protocol, raw=True, special=special, doc_ids=doc_ids, answer_format=answer_format
+    )
     if not write:
         return aggregate(records) | run | (extra or {})
     metrics = write_eval(out_dir, records, extra=run | (extra or {}))
@@ -207,12 +213,14 @@ def score(
     raw: bool = False,
     special: Sequence[str] = (),
     doc_ids: Sequence[int] | None = None,
+    answer_format: str = "plain",
 ) -> list[dict[str, Any]]:
     """One record per row: prediction against all gold answers.
 
     `outputs` are the predictions, or (raw=True) raw generations that the protocol post-processes (kept as
-    `raw`). `score` is the protocol's own metric (`vlm_tune.protocols`; None: vlm-tune); `doc_id` the row's
-    index in the evaluated split, when given.
+    `raw`) under the run's `answer_format` (`Protocol.answer`: tagged without tags is an empty prediction that
+    scores 0, as the GRPO reward pays it). `score` is the protocol's own metric (`vlm_tune.protocols`; None:
+    vlm-tune); `doc_id` the row's index in the evaluated split, when given.
     """
     from vlm_tune.protocols import get_protocol
 
@@ -220,7 +228,9 @@ def score(
     records = []
     for k, (row, out) in enumerate(zip(rows, outputs, strict=True)):
         gold = list(row["answers"])
-        pred = proto.postprocess(out, special) if raw else out
+        pred = proto.answer(out, special, answer_format) if raw else out
+        found = pred is not None  # tagged without tags: nothing to score
+        pred = pred if found else ""
         record: dict[str, Any] = {"id": row["id"]}
         if doc_ids is not None:
             record["doc_id"] = doc_ids[k]
@@ -229,10 +239,10 @@ def score(
             record["raw"] = out
         record |= {
             "prediction": pred,
-            "exact": exact_match(pred, gold),
-            "relaxed": relaxed_accuracy(pred, gold),
-            "relaxed_strict": relaxed_accuracy_strict(pred, gold),
-            "score": proto.metric(pred, gold),
+            "exact": exact_match(pred, gold) if found else 0.0,
+            "relaxed": relaxed_accuracy(pred, gold) if found else 0.0,
+            "relaxed_strict": relaxed_accuracy_strict(pred, gold) if found else 0.0,
+            "score": proto.metric(pred, gold) if found else 0.0,
             "type": row.get("type", "all"),
             "split": row.get("split", "all"),
         }

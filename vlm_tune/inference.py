@@ -13,6 +13,7 @@ from vlm_tune.config import Config
 from vlm_tune.data.chat import load_prompt
 from vlm_tune.data.collate import make_collator
 from vlm_tune.errors import UserError
+from vlm_tune.protocols import check_answer_format
 
 
 def _resolve_adapter(adapter: str) -> Path:
@@ -38,6 +39,8 @@ def load_for_inference(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(model with adapter, processor, prompt contract) from an adapter directory written by vlm-tune.
 
+    The prompt contract holds system, user_template and answer_format (plain when an older prompt.json lacks it).
+
     The model is on the runtime's device (`vlm_tune.runtime`) in `dtype` (default: the run's model.dtype from
     the saved config.yaml where this machine can run it, else auto; an explicit dtype must run here). A QLoRA
     adapter gets the 4-bit base it was trained on, except `for_merge` (merging needs the unquantized weights).
@@ -53,6 +56,7 @@ def load_for_inference(
     prompt = load_prompt(path)
     if prompt is None:
         raise UserError(f"{path}: no prompt.json; this is not an adapter directory written by vlm-tune")
+    check_answer_format(prompt["answer_format"], f"{path / 'prompt.json'}: answer_format")
     processor = load_family_processor(str(path))
     saved = _apply_saved_image_settings(processor, path)
     quantized = saved is not None and saved.train.method == "qlora" and not for_merge
@@ -134,10 +138,12 @@ def run_eval(
     """`vlm-tune eval`: score the adapter (default RUN_DIR/final) or the base model on a split.
 
     `protocol` / `export` (default eval.protocol / eval.export): see `vlm_tune.protocols`. With --base the prompt
-    contract is the config's prompt section (a plain hub model: the zero-shot number before fine-tuning)."""
+    contract is the config's prompt section and answer format (a plain hub model: the zero-shot number before
+    fine-tuning); an adapter is scored in the answer format its prompt.json saved."""
     from vlm_tune.data.sources import LazyRows, load_split, prepare_split
     from vlm_tune.evaluate import evaluate
     from vlm_tune.model import load_model, load_processor, resolve_model_path
+    from vlm_tune.rl_config import run_answer_format
     from vlm_tune.runtime import for_config
 
     run_dir = Path(cfg.run.output_dir)
@@ -146,13 +152,13 @@ def run_eval(
         model_path = resolve_model_path(cfg)
         processor = load_processor(model_path, cfg)
         model = load_model(model_path, cfg, rt)
-        system, template = cfg.prompt.system, cfg.prompt.user_template
+        system, template, answer_format = cfg.prompt.system, cfg.prompt.user_template, run_answer_format(cfg)
     else:
         adapter = adapter or str(run_dir / "final")
         if not Path(adapter).exists() and adapter == str(run_dir / "final"):
             raise UserError(f"no adapter at {adapter}: train first, pass --adapter DIR, or use --base")
         model, processor, prompt = load_for_inference(adapter, cfg.model.dtype)
-        system, template = prompt["system"], prompt["user_template"]
+        system, template, answer_format = prompt["system"], prompt["user_template"], prompt["answer_format"]
     collator = make_collator(processor, system, template)
     split = split or cfg.data.eval_split
     prepared = prepare_split(
@@ -175,6 +181,7 @@ def run_eval(
         protocol=protocol or cfg.eval.protocol,
         export=cfg.eval.export if export is None else export,
         workers=cfg.train.dataloader_num_workers,
+        answer_format=answer_format,
     )
 
 
@@ -186,7 +193,8 @@ def predict(
     max_new_tokens: int = 16,
     batch_size: int = 16,
 ) -> list[str]:
-    """Answers for items of {images: [PIL], question: str}, through the saved prompt contract."""
+    """Answers for items of {images: [PIL], question: str}, through the saved prompt contract; a tagged answer
+    format gives the text inside the last `<answer>...</answer>` ("" without one), as evaluation scores it."""
     from vlm_tune.evaluate import generate_answers
 
     collator = make_collator(processor, prompt["system"], prompt["user_template"])
@@ -194,7 +202,18 @@ def predict(
         {"id": str(i), "images": it["images"], "question": it["question"], "answers": [""]}
         for i, it in enumerate(items)
     ]
-    return generate_answers(model, processor, collator, rows, batch_size, max_new_tokens)
+    if prompt.get("answer_format", "plain") != "tagged":
+        return generate_answers(model, processor, collator, rows, batch_size, max_new_tokens)
+    return generate_answers(
+        model, processor, collator, rows, batch_size, max_new_tokens, postprocess=_tagged_answer
+    )
+
+
+def _tagged_answer(raw: str) -> str:
+    """The answer of a tagged generation as evaluation scores it ("" without tags)."""
+    from vlm_tune.protocols import answer_of
+
+    return answer_of(raw, "tagged") or ""
 
 
 def predict_cli(args: Any) -> int:

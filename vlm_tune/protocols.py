@@ -8,6 +8,11 @@ A protocol fixes what moves a ChartQA score besides the model (`eval.protocol`, 
 | `lmms-eval` | question + "\\nAnswer the question with a single word." | none | greedy, 16 | none (raw) | pix2struct check, first gold, no strip |
 | `vlmevalkit` | question + "\\nAnswer the question using a single word or phrase." (SmolVLM/SmolVLM2: their wrappers' ChartQA prompt) | none | greedy, 2048 | `.strip()` | pix2struct check, prediction stripped, max over golds |
 
+The run's answer format (`ANSWER_FORMATS`, saved in prompt.json) changes the vlm-tune row only: with `tagged`
+the prediction is the text inside the last `<answer>...</answer>` (no tags: empty, scored 0), then
+`clean_generation` (`answer_of`, the GRPO reward's own extraction); lmms-eval and vlmevalkit score the whole
+generation, as those harnesses do.
+
 Sources (read for this module; facts, not code): lmms-eval 0.7.3 from PyPI, `lmms_eval/tasks/chartqa/chartqa.yaml`
 and `utils.py` (the same prompt at commit 38eb0f31 of EvolvingLMMs-Lab/lmms-eval; an earlier revision, 0dc9a47a,
 said "using a single word or phrase" and gave qwen_vl no suffix); VLMEvalKit (open-compass/VLMEvalKit, no PyPI
@@ -33,6 +38,7 @@ Model-specific prompts, kept here with the model types they apply to:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +54,12 @@ from vlm_tune.metrics import (
 
 PROTOCOL_NAMES = ("vlm-tune", "lmms-eval", "vlmevalkit")
 HARNESSES = ("lmms-eval", "vlmevalkit")
+ANSWER_FORMATS = ("plain", "tagged")
+"""The run's answer format (`rl.answer_format` of a GRPO run, else plain; saved in prompt.json): tagged = the
+answer is the text inside the last `<answer>...</answer>` (`answer_of`)."""
+
+_TAGGED = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_TAGGED_STEP = "the text inside the last <answer>...</answer> (no tags: an empty prediction, scored 0)"
 
 _VLMEVALKIT_SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -104,6 +116,21 @@ class Protocol:
             for token in special:
                 raw = raw.replace(token, "")
         return self.post(raw)
+
+    def answer(self, raw: str, special: Iterable[str] = (), answer_format: str = "plain") -> str | None:
+        """`postprocess` under the run's answer format: vlm-tune with tagged takes `answer_of` (None: no tags);
+        the harnesses score the whole generation, as they do, whatever the format."""
+        if self.name == "vlm-tune" and answer_format == "tagged":
+            return answer_of(raw, answer_format)
+        return self.postprocess(raw, special)
+
+    def postprocessing_for(self, answer_format: str = "plain") -> str:
+        """`postprocessing` in words, with what the run's answer format changes (metrics.json)."""
+        if answer_format != "tagged":
+            return self.postprocessing
+        if self.name == "vlm-tune":
+            return f"{_TAGGED_STEP}, then {self.postprocessing}"
+        return f"{self.postprocessing}; the run's tagged answer format is not applied (scored as the harness does)"
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -167,6 +194,7 @@ class Setting:
     model_type: str | None
     model_specific: str | None  # the harness code whose model-specific prompt is used, if any
     training: dict[str, Any]  # the run's prompt contract: system, user_template
+    answer_format: str = "plain"  # the run's (ANSWER_FORMATS): where the vlm-tune protocol finds the answer
 
     @property
     def differs_from_training(self) -> bool:
@@ -184,7 +212,8 @@ class Setting:
             "model_specific_prompt": self.model_specific,
             "harness_model": p.harness_models.get(self.model_type or ""),
             "decoding": {"greedy": True, "max_new_tokens": self.max_new_tokens},
-            "postprocessing": p.postprocessing,
+            "postprocessing": p.postprocessing_for(self.answer_format),
+            "answer_format": self.answer_format,
             "metric": p.metric_name,
             "differs_from_training": self.differs_from_training,
             "training_prompt": dict(self.training),
@@ -197,8 +226,10 @@ def resolve(
     system: str | None,
     user_template: str,
     max_new_tokens: int,
+    answer_format: str = "plain",
 ) -> Setting:
-    """The setting of `protocol` for a model of `model_type` whose run was trained with (system, user_template)."""
+    """The setting of `protocol` for a model of `model_type` whose run was trained with (system, user_template)
+    and answers in `answer_format`."""
     p = get_protocol(protocol)
     template, specific = p.user_template, None
     if model_type in p.model_templates:
@@ -211,7 +242,28 @@ def resolve(
         model_type=model_type,
         model_specific=specific,
         training={"system": system, "user_template": user_template},
+        answer_format=check_answer_format(answer_format),
     )
+
+
+def check_answer_format(answer_format: Any, where: str = "answer_format") -> str:
+    """`answer_format` when it is one of ANSWER_FORMATS, else a UserError naming them."""
+    if answer_format not in ANSWER_FORMATS:
+        raise UserError(f"{where} {answer_format!r}: unknown; use one of {', '.join(ANSWER_FORMATS)}")
+    return str(answer_format)
+
+
+def answer_of(raw: str, answer_format: str = "plain") -> str | None:
+    """The answer in a raw generation (special tokens kept) that the vlm-tune protocol scores and the GRPO reward
+    pays: cut at the end of turn; tagged: the text inside the last `<answer>...</answer>` (None without one);
+    then the vlm-tune post-processing (`clean_generation`)."""
+    text = cut_at_end_of_turn(raw)
+    if answer_format == "tagged":
+        found = _TAGGED.findall(text)
+        if not found:
+            return None
+        text = found[-1]
+    return clean_generation(text)
 
 
 def cut_at_end_of_turn(text: str) -> str:

@@ -11,7 +11,7 @@ from vlm_tune.errors import UserError
 from vlm_tune.evaluate import score, write_eval
 from vlm_tune.export import write_exports
 from vlm_tune.files import atomic_write
-from vlm_tune.protocols import PROTOCOLS
+from vlm_tune.protocols import PROTOCOLS, check_answer_format
 from vlm_tune.report import load_eval_dir
 
 
@@ -20,7 +20,8 @@ def rescore(
 ) -> dict[str, Any]:
     """`vlm-tune rescore`: an evaluation's saved generations (`raw`) post-processed and scored under another
     protocol, written as a new eval directory (default EVAL_DIR-PROTOCOL). The prompt is not re-applied: the
-    generations are those of the protocol recorded in metrics.json (`protocol.rescored_from` says which)."""
+    generations are those of the protocol recorded in metrics.json (`protocol.rescored_from` says which), their
+    answers taken in the answer format recorded there (plain when absent: `vlm_tune.protocols.answer_of`)."""
     src = Path(eval_dir)
     metrics, rows = load_eval_dir(src)
     out = Path(out_dir) if out_dir else src.with_name(f"{src.name}-{protocol}")
@@ -30,8 +31,11 @@ def rescore(
     texts = [{"id": r["id"], "question": r["question"], "answers": r["gold"]} | _groups(r) for r in rows]
     outputs = [r.get("raw", r["prediction"]) for r in rows]
     doc_ids = [r.get("doc_id", k) for k, r in enumerate(rows)]
-    records = score(texts, outputs, protocol, raw=True, special=special, doc_ids=doc_ids)
     generated = metrics.get("protocol") or {}
+    answer_format = check_answer_format(generated.get("answer_format", "plain"), f"{src}: answer_format")
+    records = score(
+        texts, outputs, protocol, raw=True, special=special, doc_ids=doc_ids, answer_format=answer_format
+    )
     scores = {
         "n",
         "exact_match",
@@ -46,7 +50,8 @@ def rescore(
     keep["protocol"] = dict(generated) | {
         "name": p.name,
         "source": p.source,
-        "postprocessing": p.postprocessing,
+        "postprocessing": p.postprocessing_for(answer_format),
+        "answer_format": answer_format,
         "metric": p.metric_name,
         "rescored_from": {"eval_dir": str(src), "protocol": generated.get("name", "vlm-tune")},
     }

@@ -1,9 +1,10 @@
 """GRPO rewards built on the evaluation metrics: the reward of a completion is the score `vlm-tune eval` gives it.
 
-A completion's answer is taken as evaluation takes it: the completion decoded with its special tokens kept, cut
-at the first end-of-turn marker, then the vlm-tune protocol's post-processing (`metrics.clean_generation`). With
-`rl.answer_format: tagged` the text inside the last `<answer>...</answer>` is that answer (reasoning before it is
-not scored; no tags = reward 0). relaxed_accuracy and exact_match are `vlm_tune.metrics`' own functions, max over
+A completion's answer is taken by the function evaluation takes it with (`protocols.answer_of`): the completion
+decoded with its special tokens kept, cut at the first end-of-turn marker, then the vlm-tune protocol's
+post-processing (`metrics.clean_generation`). With `rl.answer_format: tagged` the text inside the last
+`<answer>...</answer>` is that answer (reasoning before it is not scored; no tags = reward 0, as evaluation scores
+it). relaxed_accuracy and exact_match are `vlm_tune.metrics`' own functions, max over
 all gold answers of the row. `format` pays 1 for a short answer closed by the family's end-of-turn token (plain)
 or for a completion that ends with `<answer>...</answer>` and the end-of-turn token (tagged).
 
@@ -18,27 +19,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vlm_tune.metrics import exact_match, relaxed_accuracy
-from vlm_tune.protocols import cut_at_end_of_turn, get_protocol
+from vlm_tune.protocols import answer_of, cut_at_end_of_turn
 
 METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "relaxed_accuracy": relaxed_accuracy,
     "exact_match": exact_match,
 }
-_TAGGED = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _TAGGED_END = re.compile(r"<answer>.+?</answer>\s*$", re.DOTALL)
 
 RewardFn = Callable[..., list[float]]
-
-
-def answer_of(raw: str, answer_format: str = "plain") -> str | None:
-    """The answer evaluation would score in a raw completion (special tokens kept); None: tagged without tags."""
-    text = cut_at_end_of_turn(raw)
-    if answer_format == "tagged":
-        found = _TAGGED.findall(text)
-        if not found:
-            return None
-        text = found[-1]
-    return get_protocol("vlm-tune").postprocess(text)
 
 
 def metric_reward(raw: str, gold: Sequence[str], metric: str, answer_format: str = "plain") -> float:

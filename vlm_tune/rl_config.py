@@ -40,7 +40,7 @@ class RlSection(_Section):
     answer_format: Literal["plain", "tagged"] = Field(
         "plain",
         description="plain: the completion is the answer; tagged: the answer is the text in <answer>...</answer> "
-        "(reasoning before it is not scored).",
+        "(reasoning before it is not scored). Saved in prompt.json: evaluation, predict and the card take it so.",
     )
     format_max_tokens: int = Field(
         8, ge=1, description="Format reward: most completion tokens an answer may take (plain format)."
@@ -58,6 +58,12 @@ class RlSection(_Section):
         description="When model.adapter does not exist yet, first train it by SFT (the train.* keys) into its run "
         "directory (model.adapter's parent), then run this stage.",
     )
+
+
+def run_answer_format(cfg: Any) -> str:
+    """The run's answer format (saved in prompt.json, used by every evaluation of the run): rl.answer_format for a
+    GRPO run, plain for every SFT run."""
+    return str(cfg.rl.answer_format) if cfg.train.stage == "grpo" else "plain"
 
 
 def rl_problems(cfg: Any) -> list[str]:

@@ -22,6 +22,7 @@ from vlm_tune.data.collate import PromptCollator
 from vlm_tune.data.sources import LazyRows, load_split
 from vlm_tune.distributed import evaluate_rows, prepare_split_shared
 from vlm_tune.evaluate import comparison_table
+from vlm_tune.rl_config import run_answer_format
 from vlm_tune.trainer import GenerationEval
 
 console = Console(stderr=True)
@@ -76,7 +77,8 @@ def prepare_splits(
 def save_final(
     model: Any, processor: Any, cfg: Config, final_dir: Path, state_dict: dict | None = None
 ) -> None:
-    """Adapter (or full weights) + processor + chat template + prompt contract + resolved config.
+    """Adapter (or full weights) + processor + chat template + prompt contract (with the run's answer format) +
+    resolved config.
 
     state_dict: the gathered full weights when the model is sharded (FSDP); else the model's own are saved.
     """
@@ -88,7 +90,7 @@ def save_final(
         model.save_pretrained(tmp, state_dict=state_dict)
     processor.save_pretrained(tmp)
     (tmp / "README.md").unlink(missing_ok=True)  # peft's stub card; `vlm-tune push` writes the real one
-    save_prompt(tmp, cfg.prompt.system, cfg.prompt.user_template)
+    save_prompt(tmp, cfg.prompt.system, cfg.prompt.user_template, run_answer_format(cfg))
     (tmp / "config.yaml").write_text(cfg.to_yaml())
     make_portable(tmp)
     shutil.rmtree(final_dir, ignore_errors=True)
@@ -107,7 +109,8 @@ def evaluate_in_run(
     protocol: bool = False,
 ) -> dict:
     """One evaluation during `train`; protocol=True: under eval.protocol with eval.export (the untrained
-    baseline and the final evaluation), else the training prompt (the evaluation that picks the best checkpoint)."""
+    baseline and the final evaluation), else the training prompt (the evaluation that picks the best checkpoint).
+    Answers are taken in the run's answer format (`run_answer_format`), as the saved prompt.json says."""
     label = label or f"eval {out.name}"
     return evaluate_rows(
         model,
@@ -120,6 +123,7 @@ def evaluate_in_run(
         label if cfg.logging.progress else None,
         protocol=cfg.eval.protocol if protocol else None,
         export=cfg.eval.export if protocol else (),
+        answer_format=run_answer_format(cfg),
     )
 
 

@@ -75,16 +75,24 @@ def build_messages(
     return messages
 
 
-def save_prompt(directory: str | Path, system: str | None, user_template: str) -> Path:
-    """Write the prompt contract next to an adapter, so inference can reproduce training's prompt."""
+def save_prompt(
+    directory: str | Path, system: str | None, user_template: str, answer_format: str = "plain"
+) -> Path:
+    """Write the prompt contract next to an adapter, so inference can reproduce training's prompt and take the
+    answer as the run did (`answer_format`: plain, or tagged = inside the last `<answer>...</answer>`)."""
     path = Path(directory) / PROMPT_FILE
-    path.write_text(json.dumps({"system": system, "user_template": user_template}, indent=2) + "\n")
+    contract = {"system": system, "user_template": user_template, "answer_format": answer_format}
+    path.write_text(json.dumps(contract, indent=2) + "\n")
     return path
 
 
 def load_prompt(directory: str | Path) -> dict[str, Any] | None:
-    """The saved prompt contract of an adapter directory, or None if it has none."""
+    """The saved prompt contract of an adapter directory, or None if it has none. One written before the answer
+    format was saved reads as plain."""
     path = Path(directory) / PROMPT_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    prompt = json.loads(path.read_text())
+    if isinstance(prompt, dict):
+        prompt.setdefault("answer_format", "plain")
+    return prompt
