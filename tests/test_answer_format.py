@@ -100,7 +100,9 @@ def test_the_run_answer_format_reaches_prompt_json_and_every_in_run_eval(cache_d
     from vlm_tune.rl_config import run_answer_format
 
     sft = tiny_cfg(cache_dir, tmp_path / "a", "rl.answer_format=tagged")  # set, but an SFT run: plain
-    grpo = tiny_cfg(cache_dir, tmp_path / "b", "train.stage=grpo", "rl.answer_format=tagged")
+    grpo = tiny_cfg(
+        cache_dir, tmp_path / "b", "train.stage=grpo", "rl.answer_format=tagged", "rl.max_completion_length=3"
+    )
     assert run_answer_format(tiny_cfg(cache_dir, tmp_path / "c", "train.stage=grpo")) == "plain"
     assert (run_answer_format(sft), run_answer_format(grpo)) == ("plain", "tagged")
     seen = []

@@ -45,6 +45,18 @@ def test_rl_problems_reported_together_naming_the_keys():
         build_config({"rl": {"rewards": {"exact_match": 0.0, "format": 0.0}}})
 
 
+def test_tagged_evaluation_gets_the_completion_budget():
+    tagged = {"train": {"stage": "grpo"}, "rl": {"answer_format": "tagged", "max_completion_length": 64}}
+    with pytest.raises(ConfigError) as err:
+        build_config(tagged | {"eval": {"max_new_tokens": 16}})
+    assert "eval.max_new_tokens (16) < rl.max_completion_length (64) with rl.answer_format tagged" in str(
+        err.value
+    )
+    assert build_config(tagged | {"eval": {"max_new_tokens": 64}}).eval.max_new_tokens == 64
+    plain = {"train": {"stage": "grpo"}, "rl": {"max_completion_length": 64}, "eval": {"max_new_tokens": 16}}
+    assert build_config(plain).rl.answer_format == "plain"  # a plain answer is short: no rule
+
+
 # -- rewards -----------------------------------------------------------------------------------------------
 
 RAWS = [

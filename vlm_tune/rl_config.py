@@ -92,4 +92,15 @@ def rl_problems(cfg: Any) -> list[str]:
         and Path(cfg.model.adapter).parent == Path(cfg.run.output_dir)
     ):
         problems.append("model.adapter: must lie outside run.output_dir when rl.build_adapter builds it")
+    if (
+        cfg.train.stage == "grpo"
+        and cfg.rl.answer_format == "tagged"
+        and cfg.eval.max_new_tokens < cfg.rl.max_completion_length
+    ):
+        problems.append(
+            f"eval.max_new_tokens ({cfg.eval.max_new_tokens}) < rl.max_completion_length "
+            f"({cfg.rl.max_completion_length}) with rl.answer_format tagged: evaluation would cut the reasoning "
+            "before the <answer> tags the reward reads; set eval.max_new_tokens to at least "
+            f"{cfg.rl.max_completion_length}"
+        )
     return problems
