@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from transformers import set_seed
 
 from vlm_tune.config import Config
 from vlm_tune.data.chat import build_messages
@@ -202,13 +201,13 @@ def train_grpo(
         during_eval,
         evaluate_in_run,
         finish_run,
+        open_run,
         prepare_splits,
         push_if_asked,
         save_final,
-        setup_trackers,
     )
     from vlm_tune.runtime import for_config
-    from vlm_tune.trainer import CheckpointMarker, plot_history, prepare_run_dir
+    from vlm_tune.trainer import CheckpointMarker, plot_history
 
     t_start = time.perf_counter()
     rt = for_config(cfg)
@@ -216,9 +215,7 @@ def train_grpo(
     processor = load_processor(model_path, cfg)
     rl_preflight(cfg, processor)  # before anything runs, the SFT stage that builds model.adapter included
     build_adapter_first(cfg, sft)
-    run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)
-    set_seed(cfg.run.seed)
-    setup_trackers(cfg, run_dir)
+    _, run_dir, checkpoint = open_run(cfg, rt, resume, overwrite)
     d = cfg.data
     collator = make_collator(processor, cfg.prompt.system, cfg.prompt.user_template, cfg.train.max_length)
     train_split, eval_split = prepare_splits(

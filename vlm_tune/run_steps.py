@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import PartialState
 from rich.console import Console
+from transformers import set_seed
 
 from vlm_tune.artifacts import make_portable
 from vlm_tune.config import Config
@@ -21,11 +23,36 @@ from vlm_tune.data.chat import save_prompt
 from vlm_tune.data.collate import PromptCollator
 from vlm_tune.data.sources import LazyRows, load_split
 from vlm_tune.distributed import evaluate_rows, prepare_split_shared
+from vlm_tune.errors import UserError
 from vlm_tune.evaluate import comparison_table
 from vlm_tune.rl_config import run_answer_format
-from vlm_tune.trainer import GenerationEval
+from vlm_tune.runtime import Runtime, hardware, launcher_problems, several_gpus_note
+from vlm_tune.trainer import GenerationEval, find_checkpoint, prepare_run_dir
 
 console = Console(stderr=True)
+
+
+def open_run(
+    cfg: Config, rt: Runtime, resume: str | None, overwrite: bool
+) -> tuple[PartialState, Path, str | None]:
+    """(process state, RUN_DIR, checkpoint to resume or None), for both stages: the accelerate launch checked against cfg, RUN_DIR
+    created or reopened by the main process first (config.yaml written before step 0), seed set, trackers set up."""
+    problems = launcher_problems(cfg, rt)  # an accelerate config that contradicts this run's config
+    if problems:
+        raise UserError("; ".join(problems))
+    state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun/accelerate's
+    with state.main_process_first():  # the main process creates RUN_DIR and writes config.yaml first
+        if state.is_main_process:
+            run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)  # config.yaml written before step 0
+        else:
+            run_dir = Path(cfg.run.output_dir)
+            checkpoint = str(find_checkpoint(run_dir, resume)) if resume else None
+    note = several_gpus_note(hardware())
+    if note and state.is_main_process:
+        console.print(f"[vlm-tune] {note}", highlight=False, soft_wrap=True)
+    set_seed(cfg.run.seed)
+    setup_trackers(cfg, run_dir)
+    return state, run_dir, checkpoint
 
 
 def setup_trackers(cfg: Config, run_dir: Path) -> None:

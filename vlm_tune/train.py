@@ -11,16 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import PartialState
 from rich.console import Console
-from transformers import PrinterCallback, set_seed
+from transformers import PrinterCallback
 
 from vlm_tune.config import Config
 from vlm_tune.data.collate import PromptCollator, make_collator
 from vlm_tune.data.sources import LazyRows, RowDataset, load_split
 from vlm_tune.distributed import check_fsdp_version, full_state_dict
-from vlm_tune.errors import UserError
 from vlm_tune.evaluate import majority_answers, score, write_eval
 from vlm_tune.model import (
     continue_adapter,
@@ -35,19 +33,17 @@ from vlm_tune.run_steps import (
     during_eval,
     evaluate_in_run,
     finish_run,
+    open_run,
     prepare_splits,
     push_if_asked,
     save_final,
-    setup_trackers,
 )
-from vlm_tune.runtime import Runtime, for_config, hardware, launcher_problems, several_gpus_note
+from vlm_tune.runtime import Runtime, for_config
 from vlm_tune.trainer import (
     CheckpointMarker,
     RichProgress,
     VlmTrainer,
-    find_checkpoint,
     plot_history,
-    prepare_run_dir,
     training_arguments,
 )
 
@@ -106,29 +102,6 @@ def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> Pa
         report_run(cfg, run_dir, results, eval_rows)
     finish_run(cfg, run_dir, t_start)
     return run_dir
-
-
-def open_run(
-    cfg: Config, rt: Runtime, resume: str | None, overwrite: bool
-) -> tuple[PartialState, Path, str | None]:
-    """(process state, RUN_DIR, checkpoint to resume or None): the accelerate launch checked against cfg, RUN_DIR
-    created or reopened by the main process first (config.yaml written before step 0), seed set, trackers set up."""
-    problems = launcher_problems(cfg, rt)  # an accelerate config that contradicts this run's config
-    if problems:
-        raise UserError("; ".join(problems))
-    state = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of torchrun/accelerate's
-    with state.main_process_first():  # the main process creates RUN_DIR and writes config.yaml first
-        if state.is_main_process:
-            run_dir, checkpoint = prepare_run_dir(cfg, resume, overwrite)  # config.yaml written before step 0
-        else:
-            run_dir = Path(cfg.run.output_dir)
-            checkpoint = str(find_checkpoint(run_dir, resume)) if resume else None
-    note = several_gpus_note(hardware())
-    if note and state.is_main_process:
-        console.print(f"[vlm-tune] {note}", highlight=False, soft_wrap=True)
-    set_seed(cfg.run.seed)
-    setup_trackers(cfg, run_dir)
-    return state, run_dir, checkpoint
 
 
 def load_starting_model(model_path: str, cfg: Config, rt: Runtime) -> Any:
